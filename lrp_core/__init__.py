@@ -1,0 +1,29 @@
+"""lrp_core: exact, fast and differentiable Layer-wise Relevance Propagation for PyTorch.
+
+>>> import torch, lrp_core
+>>> from lrp_core import composites
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+>>> x = torch.randn(5, 4)
+>>> R = lrp_core.attribute(model, x, torch.zeros(5, dtype=torch.long), composite=composites.EpsilonPlus())
+>>> R.shape
+torch.Size([5, 4])
+"""
+
+from . import canonizers, composites, layers, rules
+from .attribution import PRECISIONS, Explanation, attribute, explain
+from .errors import CanonizationError, LRPError, UnsupportedLayerError
+
+__all__ = [
+    "attribute",
+    "explain",
+    "Explanation",
+    "PRECISIONS",
+    "composites",
+    "rules",
+    "canonizers",
+    "layers",
+    "LRPError",
+    "UnsupportedLayerError",
+    "CanonizationError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""The project as a user meets it: import boundaries, the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_audits_does_not_import_torch():
+    assert "torch" not in _imported_modules("import audits")
+
+
+def test_lrp_core_imports_nothing_of_the_project_but_itself():
+    modules = _imported_modules("import lrp_core, lrp_core.demo")
+    assert not {"audits", "pipeline", "torchvision", "zennit"} & modules
+
+
+def test_no_module_of_lrp_core_or_audits_mentions_pipeline():
+    for package in ("lrp_core", "audits"):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            assert "import pipeline" not in text and "from pipeline" not in text, path
+
+
+def test_demo_writes_a_png_grid(tmp_path):
+    out = tmp_path / "demo.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "lrp_core.demo", "--out", str(out), "--steps", "40", "--images", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+    assert "per-layer relevance" in result.stdout and "Flat" in result.stdout
+    # 4 images of 32 px at scale 3, 4 rows (inputs + 3 composites), 2 px padding
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (4 * 98 + 2, 4 * 98 + 2)
