@@ -101,33 +101,45 @@ class _Relevance(torch.autograd.Function):
     def forward(ctx, session: Session, unit: Unit, *tensors: Tensor) -> Tensor:
         ctx.session = session
         ctx.unit = unit
-        ctx.save_for_backward(*tensors)
+        ctx.n_inputs = len(tensors) - 1
+        if unit.rule.needs_tensors:
+            ctx.save_for_backward(*tensors)
         # a copy, so that in-place operations downstream cannot touch the saved output
         return tensors[-1].clone()
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
-        *inputs, output = ctx.saved_tensors
         session: Session = ctx.session
         if not session.lrp_active:
-            return (None, None, *(None for _ in inputs), relevance)
+            return (None, None, *(None for _ in range(ctx.n_inputs)), relevance)
         unit: Unit = ctx.unit
+        if not unit.rule.needs_tensors:
+            # pass-through: nothing was saved (an activation's input and output need not stay alive for it)
+            results = unit.relevance((), relevance, relevance)
+            _record(session, unit, relevance, results)
+            return (None, None, *results, None)
+        *inputs, output = ctx.saved_tensors
         if session.autocast_dtype is not None:
             with torch.autocast(output.device.type, dtype=session.autocast_dtype):
                 results = unit.relevance(tuple(inputs), output, relevance)
         else:
             results = unit.relevance(tuple(inputs), output, relevance)
         results = tuple(r.to(x.dtype) for r, x in zip(results, inputs))
-        if session.records is not None:
-            session.records.append(
-                LayerRecord(
-                    path=unit.path if unit.batch_norm_path is None else f"{unit.path}+{unit.batch_norm_path}",
-                    rule=type(unit.rule).__name__,
-                    relevance_out=_per_sample_sum(relevance),
-                    relevance_in=sum(_per_sample_sum(r) for r in results),
-                )
-            )
+        _record(session, unit, relevance, results)
         return (None, None, *results, None)
+
+
+def _record(session: Session, unit: Unit, relevance: Tensor, results: tuple[Tensor, ...]) -> None:
+    if session.records is None:
+        return
+    session.records.append(
+        LayerRecord(
+            path=unit.path if unit.batch_norm_path is None else f"{unit.path}+{unit.batch_norm_path}",
+            rule=type(unit.rule).__name__,
+            relevance_out=_per_sample_sum(relevance),
+            relevance_in=sum(_per_sample_sum(r) for r in results),
+        )
+    )
 
 
 def _per_sample_sum(t: Tensor) -> Tensor:

@@ -55,6 +55,8 @@ class Rule(ABC):
 
     #: whether the rule needs the layer's weight and bias
     needs_parameters: bool = False
+    #: whether the rule reads the layer's input and output (if not, the engine does not keep them alive)
+    needs_tensors: bool = True
 
     @abstractmethod
     def relevance(
@@ -93,6 +95,8 @@ class Norm(Epsilon):
 
 class Pass(Rule):
     """Relevance passes through unchanged: for element-wise activations, which only gate the signal."""
+
+    needs_tensors = False
 
     def relevance(self, layer, inputs, output, relevance):
         return (relevance,)

@@ -124,3 +124,29 @@ def test_each_rule_on_signed_inputs(ours_rule, their_rule):
     expected = zennit_oracle.attribute(model, x, target, theirs)
     actual = lrp_core.attribute(model, x, target, composite=mine)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9 * expected.abs().max().item())
+
+
+def test_mlp_with_batch_norm_1d():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(16, 5),
+    )
+    model = randomize_batch_norms(model, torch.Generator().manual_seed(0)).double().eval()
+    x = torch.randn(4, 3, 4, dtype=torch.float64)
+    for name in ("EpsilonPlus", "EpsilonPlusFlat"):
+        assert_equal_to_zennit(model, x, torch.tensor([0, 1, 2, 4]), name)
+
+
+@pytest.mark.parametrize("architecture", ["vgg11", "vgg16", "vgg16_bn"])
+def test_other_torchvision_vggs_work_out_of_the_box(architecture):
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, architecture)(num_classes=4)
+    model = randomize_batch_norms(model, generator).double().eval()
+    x = torch.randn(1, 3, 32, 32, generator=generator, dtype=torch.float64)
+    assert_equal_to_zennit(model, x, torch.tensor([2]), "EpsilonPlusFlat")
