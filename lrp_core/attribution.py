@@ -95,6 +95,18 @@ def _precision(precision: str | None, device_type: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    try:
+        return model(x)
+    except RuntimeError as err:
+        if "of _Relevance is a view and is being modified inplace" not in str(err):
+            raise
+        raise LRPError(
+            "an in-place operation in forward() (e.g. torch.relu_, x += y, F.relu(..., inplace=True)) modifies the "
+            "output of an explained layer; LRP needs that output intact: make the operation out-of-place"
+        ) from err
+
+
 def explain(
     model: nn.Module,
     x: Tensor,
@@ -136,7 +148,7 @@ def explain(
             undo = attach(session, units)
             leaf = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
             with torch.enable_grad():
-                output = model(leaf)
+                output = _forward(model, leaf)
                 check_all_merged(units)
                 if not isinstance(output, Tensor) or output.dim() != 2:
                     shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__

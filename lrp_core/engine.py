@@ -104,8 +104,9 @@ class _Relevance(torch.autograd.Function):
         ctx.n_inputs = len(tensors) - 1
         if unit.rule.needs_tensors:
             ctx.save_for_backward(*tensors)
-        # a copy, so that in-place operations downstream cannot touch the saved output
-        return tensors[-1].clone()
+        # returned as-is, autograd hands out an alias that in-place code cannot modify (it raises instead):
+        # the saved output stays intact without a copy
+        return tensors[-1]
 
     @staticmethod
     def backward(ctx, relevance: Tensor):

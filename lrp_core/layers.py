@@ -39,9 +39,8 @@ class Sum(nn.Module):
 
 
 class Layer(ABC):
-    """A layer as a rule sees it. ``n_inputs`` tensors go in, one comes out."""
+    """A layer as a rule sees it: one or more tensors go in, one comes out."""
 
-    n_inputs: int = 1
     has_parameters: bool = False
 
     def parameters(self) -> tuple[Tensor, Tensor | None]:
@@ -175,9 +174,6 @@ class LinearOperatorLayer(Layer):
 
 class SumLayer(Layer):
     """The :class:`Sum` module: the transpose of a sum copies ``s`` to every summand."""
-
-    def __init__(self, n_inputs: int = 2):
-        self.n_inputs = n_inputs
 
     def transpose(self, s, weight, input_shapes):
         return tuple(s.expand(shape) if shape != s.shape else s for shape in input_shapes)

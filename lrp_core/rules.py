@@ -37,6 +37,11 @@ def stabilize(z: Tensor, epsilon: float) -> Tensor:
     return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
+def stabilize_non_negative(z: Tensor, epsilon: float) -> Tensor:
+    """:func:`stabilize` for denominators that cannot be negative (z+ sums, flat and w^2 counts): one add."""
+    return z + epsilon
+
+
 def _pos(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clamp(min=0)
 
@@ -47,7 +52,7 @@ def _neg(t: Tensor | None) -> Tensor | None:
 
 def _has_negative(x: Tensor) -> bool:
     # inputs after a ReLU are non-negative; their negative parts are exactly zero and can be skipped
-    return bool((x < 0).any())
+    return bool(x.amin() < 0)
 
 
 class Rule(ABC):
@@ -144,9 +149,11 @@ class ZPlus(_TwoSignRule):
         (x,) = inputs
         weight, bias = layer.parameters()
         xp, xn = self._split(x)
-        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        wp = weight.clamp(min=0)
+        wn = None if xn is None else weight.clamp(max=0)
+        # x+ w+ + x- w- + b+ is never negative
         z = self._forward(layer, xp, xn, wp, wn, _pos(bias))
-        s = relevance / stabilize(z, self.stabilizer)
+        s = relevance / stabilize_non_negative(z, self.stabilizer)
         return (self._backward(layer, xp, xn, s, wp, wn),)
 
 
@@ -171,7 +178,10 @@ class AlphaBeta(_TwoSignRule):
         xp, xn = self._split(x)
         wp, wn = weight.clamp(min=0), weight.clamp(max=0)
         z_pos = self._forward(layer, xp, xn, wp, wn, _pos(bias))
-        r = self.alpha * self._backward(layer, xp, xn, relevance / stabilize(z_pos, self.stabilizer), wp, wn)
+        # x+ w+ + x- w- + b+ is never negative
+        r = self.alpha * self._backward(
+            layer, xp, xn, relevance / stabilize_non_negative(z_pos, self.stabilizer), wp, wn
+        )
         if self.beta:
             z_neg = self._forward(layer, xp, xn, wn, wp, _neg(bias))
             r = r - self.beta * self._backward(layer, xp, xn, relevance / stabilize(z_neg, self.stabilizer), wn, wp)
@@ -223,7 +233,7 @@ class Flat(Rule):
         (x,) = inputs
         weight, _ = layer.parameters()
         z = layer.apply(_batch_one(x), torch.ones_like(weight), None)
-        s = relevance / stabilize(z, self.stabilizer)
+        s = relevance / stabilize_non_negative(z, self.stabilizer)
         return (layer.transpose_of_ones(s, x.shape),)
 
 
@@ -243,7 +253,7 @@ class WSquare(Rule):
         weight, bias = layer.parameters()
         w2 = weight * weight
         z = layer.apply(_batch_one(x), w2, None if bias is None else bias * bias)
-        s = relevance / stabilize(z, self.stabilizer)
+        s = relevance / stabilize_non_negative(z, self.stabilizer)
         return (layer.transpose(s, w2, (x.shape,))[0],)
 
 

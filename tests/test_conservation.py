@@ -52,7 +52,9 @@ def padded_vgg():
 
 
 CASES = [(name, unpadded_net) for name in sorted(CONSERVING)] + [
-    (name, padded_vgg) for name in sorted(CONSERVING) if name != "EpsilonAlpha2Beta1"  # see unpadded_net
+    (name, padded_vgg)
+    for name in sorted(CONSERVING)
+    if name != "EpsilonAlpha2Beta1"  # see unpadded_net
 ]
 
 

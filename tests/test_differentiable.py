@@ -142,3 +142,43 @@ def test_model_is_left_as_it_was():
     assert all(m.inplace for m in relus)
     assert (len(model._forward_hooks), sum(len(m._forward_hooks) for m in model.modules())) == hooks
     assert not any("lrp_sum" in n for n, _ in model.named_modules())
+
+
+def _directional_derivatives(model, relevance_fn, seed=0):
+    """(autograd, central difference) of ``sum(R**2)`` along one random direction in parameter space."""
+    generator = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    directions = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+    grads = torch.autograd.grad((relevance_fn() ** 2).sum(), params)
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions)).item()
+    values = []
+    for step in (1e-6, -2e-6, 1e-6):
+        with torch.no_grad():
+            for p, d in zip(params, directions):
+                p.add_(step * d)
+        values.append((relevance_fn() ** 2).sum().item())
+    return analytic, (values[0] - values[1]) / 2e-6
+
+
+def test_parameter_gradients_are_right_where_zennits_are_wrong():
+    import zennit.attribution
+    import zennit.composites
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)).double()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1])
+
+    def ours():
+        return lrp_core.attribute(model, x, target, composite=composites.EpsilonPlus(), create_graph=True)
+
+    def theirs():
+        composite = zennit.composites.EpsilonPlus()
+        with zennit.attribution.Gradient(model=model, composite=composite, create_graph=True) as attributor:
+            return attributor(x, lambda out: nn.functional.one_hot(target, 2).to(out) * out)[1]
+
+    torch.testing.assert_close(ours(), theirs())  # same maps ...
+    analytic, numeric = _directional_derivatives(model, ours)
+    assert analytic == pytest.approx(numeric, rel=1e-6)
+    analytic, numeric = _directional_derivatives(model, theirs)
+    assert analytic != pytest.approx(numeric, rel=0.1)  # ... but zennit's weight gradients are wrong

@@ -153,3 +153,17 @@ def test_model_is_restored_after_an_error():
         lrp_core.attribute(model, torch.randn(2, 3, 16, 16), torch.tensor([0, 99]))
     assert sum(len(m._forward_hooks) for m in model.modules()) == 0
     assert model.features[2].inplace
+
+
+def test_in_place_operation_on_a_layer_output():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+        def forward(self, x):
+            return self.head(torch.relu_(self.conv(x)))
+
+    with pytest.raises(lrp_core.LRPError, match="in-place operation in forward"):
+        lrp_core.attribute(InPlace(), torch.randn(1, 3, 8, 8), torch.tensor([0]))
