@@ -163,10 +163,12 @@ def explain(
                 session.lrp_active = True
                 try:
                     (relevance,) = torch.autograd.grad(
-                        output, leaf, grad_outputs=start.to(output.dtype), create_graph=create_graph
+                        output, leaf, grad_outputs=start.to(output.dtype), create_graph=create_graph, allow_unused=True
                     )
                 finally:
                     session.lrp_active = False
+                if relevance is None:
+                    raise LRPError("the model's output does not depend on its input: there is nothing to explain")
     finally:
         for action in reversed(undo):
             action()

@@ -167,3 +167,16 @@ def test_in_place_operation_on_a_layer_output():
 
     with pytest.raises(lrp_core.LRPError, match="in-place operation in forward"):
         lrp_core.attribute(InPlace(), torch.randn(1, 3, 8, 8), torch.tensor([0]))
+
+
+def test_output_that_ignores_the_input():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.bias(torch.ones(x.shape[0], 1))
+
+    with pytest.raises(lrp_core.LRPError, match="does not depend on its input"):
+        lrp_core.attribute(Constant(), torch.randn(2, 3), torch.tensor([0, 1]))
