@@ -80,6 +80,9 @@ def write_png(path: str | os.PathLike, rgb: Tensor) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(png)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written report should be readable like any file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
