@@ -1,0 +1,115 @@
+"""``spray-audit``: one subcommand per pipeline stage, so every stage also runs without DVC."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .params import load_params
+
+PARAMS = click.option(
+    "--params",
+    "params_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="params.yaml",
+    show_default=True,
+    help="Parameter file; each stage reads its own sections.",
+)
+PROGRESS = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars (default: on when stderr is a terminal).",
+)
+
+
+def _progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Spectral Relevance Analysis audits: find and un-learn Clever-Hans behaviour."""
+
+
+@main.command()
+@PARAMS
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="data/prepared",
+    show_default=True,
+    help="Where the prepared data set goes (images of the built-in benchmark, manifest.parquet, dataset.json).",
+)
+@PROGRESS
+def prepare(params_path: Path, out: Path, progress: bool | None) -> None:
+    """Generate the built-in benchmark (data.root: null) or index an ImageFolder tree (data.root: PATH)."""
+    from .stages import prepare as run
+
+    dataset = run(load_params(params_path), out, progress=_progress(progress))
+    counts = dataset.manifest.split.value_counts().to_dict()
+    click.echo(f"prepared {len(dataset.manifest)} images of {len(dataset.classes)} classes in {out}: {counts}")
+
+
+@main.command()
+@PARAMS
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="data/prepared",
+    show_default=True,
+    help="The prepared data set (output of prepare).",
+)
+@click.option(
+    "--model-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="models/model.pt",
+    show_default=True,
+    help="Where the trained state dict goes.",
+)
+@click.option(
+    "--metrics-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="metrics/train.json",
+    show_default=True,
+    help="Metrics JSON (accuracies per test split, per class, shortcut figures).",
+)
+@click.option(
+    "--curve-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="metrics/train_curve.csv",
+    show_default=True,
+    help="Per-epoch training curve (CSV) for `dvc plots`.",
+)
+@PROGRESS
+def train(
+    params_path: Path, data: Path, model_out: Path, metrics_out: Path, curve_out: Path, progress: bool | None
+) -> None:
+    """Train the model on train, select it on val and evaluate it on the test splits."""
+    from .stages import train as run
+
+    metrics = run(load_params(params_path), data, model_out, metrics_out, curve_out, progress=_progress(progress))
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.endswith("_acc") and isinstance(v, float)}
+    click.echo(f"trained {model_out}: {shown}")
+
+
+def entry_point() -> None:
+    """Console script: errors in the user's data or parameters print one line, not a traceback."""
+    from .datasets import DataError
+    from .models import CheckpointError
+
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entry_point()

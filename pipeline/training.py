@@ -1,0 +1,107 @@
+"""Training and evaluation on in-memory uint8 images: seeded, deterministic on one machine, model selected on val."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["TrainConfig", "Normalizer", "train_model", "predict", "accuracy"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"train needs epochs >= 1, batch_size >= 1 and lr > 0; got {self}")
+
+
+class Normalizer:
+    """uint8 ``(N, C, H, W)`` -> float, ``(x / 255 - mean) / std`` per channel (params ``data.mean``/``data.std``)."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        if (self.std <= 0).any():
+            raise ValueError(f"data.std must be positive; got {std}")
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+def predict(model: nn.Module, images: np.ndarray, normalize: Normalizer, batch_size: int = 256) -> np.ndarray:
+    """Predicted classes, in eval mode, without gradients."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = normalize(torch.from_numpy(images[start : start + batch_size]))
+            out.append(model(batch).argmax(1).numpy())
+    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float((predictions == labels).mean()) if len(labels) else float("nan")
+
+
+def train_model(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    normalize: Normalizer,
+    config: TrainConfig,
+    progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """Adam with cosine decay; returns the model at its best validation accuracy and the per-epoch history."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, labels = train
+    labels_t = torch.tensor(labels, dtype=torch.long)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, -(-len(images) // config.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.2
+    )
+    history, best_acc, best_state = [], -1.0, None
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        total_loss, correct = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
+        for step in bar:
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = normalize(torch.from_numpy(images[index.numpy()]))
+            y = labels_t[index]
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(index)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = accuracy(predict(model, val[0], normalize), val[1])
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total_loss / len(images),
+                "train_acc": correct / len(images),
+                "val_acc": val_acc,
+            }
+        )
+        if val_acc > best_acc:
+            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history

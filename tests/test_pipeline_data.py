@@ -1,0 +1,113 @@
+"""The built-in benchmark (deterministic, exact ground truth) and user ImageFolder trees (clear errors)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import DataError, index_imagefolder, load_dataset, load_images, write_builtin
+from pipeline.synthetic import CLASSES, BenchmarkConfig, render_split, stamp_pattern
+
+TINY = BenchmarkConfig(per_class={"train": 20, "val": 4, "test": 6}, stamp_fraction=0.5)
+
+
+def test_generation_is_deterministic_for_a_seed():
+    a, b = render_split("train", TINY), render_split("train", TINY)
+    assert all(np.array_equal(x.image, y.image) and x.stamped == y.stamped for x, y in zip(a, b))
+    other = render_split("train", BenchmarkConfig(seed=1, per_class=TINY.per_class, stamp_fraction=0.5))
+    assert not np.array_equal(a[0].image, other[0].image)
+
+
+def test_only_the_poisoned_class_is_stamped_in_train():
+    samples = render_split("train", TINY)
+    poisoned = CLASSES.index(TINY.poisoned_class)
+    assert not any(s.stamped for s in samples if s.label != poisoned)
+    assert 0 < sum(s.stamped for s in samples if s.label == poisoned) < TINY.per_class["train"]
+    assert not any(s.stamped for s in render_split("test_clean", TINY))
+    assert all(s.stamped for s in render_split("test_attacked", TINY))
+
+
+def test_stamp_mask_covers_exactly_the_stamp():
+    """The test splits share objects and backgrounds: attacked minus clean differs only under the stamp mask,
+    and there the image is the stamp pattern."""
+    clean, attacked = render_split("test_clean", TINY), render_split("test_attacked", TINY)
+    pattern = (stamp_pattern(TINY.stamp_size) * 255).round().astype(np.uint8)
+    size = TINY.image_size
+    for c, a in zip(clean, attacked):
+        assert c.label == a.label and not c.stamp_mask.any()
+        changed = (c.image != a.image).any(-1)
+        assert not (changed & ~a.stamp_mask).any(), "pixels changed outside the stamp mask"
+        rows, cols = np.nonzero(a.stamp_mask)
+        assert a.stamp_mask.sum() == TINY.stamp_size**2
+        patch = a.image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert (patch == pattern[..., None]).all()
+        assert rows.max() >= size - 8 and cols.min() <= 8, "near the bottom-left corner"
+        assert 0.01 < a.stamp_mask.mean() < 0.05, "a few percent of the image"
+        assert a.object_mask.any() and not (a.object_mask & a.stamp_mask).any()
+
+
+def test_builtin_manifest_and_files(tmp_path):
+    dataset = write_builtin(tmp_path, TINY, progress=False)
+    manifest = dataset.manifest
+    assert list(manifest.split.unique()) == ["train", "val", "test_clean", "test_as_trained", "test_attacked"]
+    assert len(manifest) == 6 * (20 + 4 + 3 * 6)
+    row = manifest[manifest.artifact].iloc[0]
+    stamp = np.asarray(Image.open(tmp_path / row.artifact_mask)) > 0
+    assert stamp.sum() == TINY.stamp_size**2
+    assert (tmp_path / row.sample_id).is_file() and row.sample_id.startswith(f"{row.split}/{row.class_name}/")
+    again = load_dataset(tmp_path)
+    assert (
+        again.classes == list(CLASSES) and again.poisoned_class == "triangle" and len(again.manifest) == len(manifest)
+    )
+    images = load_images(again.root, manifest.path[:3], 64)
+    assert images.shape == (3, 3, 64, 64) and images.dtype == np.uint8
+
+
+def _tree(root, counts):
+    rng = np.random.default_rng(0)
+    for split, per_class in counts.items():
+        for name, n in per_class.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_imagefolder_tree_is_indexed_with_a_seeded_validation_split(tmp_path):
+    _tree(tmp_path / "data", {"train": {"cat": 10, "dog": 10}, "test": {"cat": 2, "dog": 3}})
+    dataset = index_imagefolder(tmp_path / "data", tmp_path / "prepared", val_fraction=0.2, seed=0, progress=False)
+    counts = dataset.manifest.split.value_counts().to_dict()
+    assert counts == {"train": 16, "val": 4, "test": 5}
+    assert dataset.classes == ["cat", "dog"] and dataset.manifest.sample_id.iloc[0] == "train/cat/0.png"
+    again = index_imagefolder(tmp_path / "data", tmp_path / "prepared2", val_fraction=0.2, seed=0, progress=False)
+    assert again.manifest.equals(dataset.manifest)
+    images = load_images(dataset.root, dataset.manifest.path[:2], 16)
+    assert images.shape == (2, 3, 16, 16)
+
+
+def test_truncated_image_fails_naming_the_file(tmp_path):
+    _tree(tmp_path / "data", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    broken = tmp_path / "data" / "train" / "b" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    with pytest.raises(DataError, match=r"cannot read image .*train/b/1\.png"):
+        index_imagefolder(tmp_path / "data", tmp_path / "prepared", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({"train": {"a": 1}}, r"needs train/ and test/ .*missing \['test'\]"),
+        ({"train": {"a": 1}, "test": {"a": 1, "z": 1}}, r"class folders not in train/: \['z'\]"),
+        ({"train": {"a": 1, "b": 0}, "test": {"a": 1, "b": 1}}, r"no images for class folders \['train/b'\]"),
+    ],
+)
+def test_bad_trees(tmp_path, layout, message):
+    _tree(tmp_path / "data", layout)
+    with pytest.raises(DataError, match=message):
+        index_imagefolder(tmp_path / "data", tmp_path / "prepared", progress=False)
+
+
+def test_missing_prepared_data_says_what_to_run(tmp_path):
+    with pytest.raises(DataError, match="run the prepare stage first"):
+        load_dataset(tmp_path)
