@@ -111,3 +111,20 @@ def test_bad_trees(tmp_path, layout, message):
 def test_missing_prepared_data_says_what_to_run(tmp_path):
     with pytest.raises(DataError, match="run the prepare stage first"):
         load_dataset(tmp_path)
+
+
+def test_user_imagefolder_goes_through_prepare_and_train(tmp_path):
+    from pipeline import stages
+
+    _tree(tmp_path / "mydata", {"train": {"cat": 12, "dog": 12}, "test": {"cat": 3, "dog": 3}})
+    params = {
+        "data": {"root": str(tmp_path / "mydata"), "image_size": 32},
+        "train": {"epochs": 1, "batch_size": 8},
+    }
+    dataset = stages.prepare(params, tmp_path / "prepared", progress=False)
+    assert dataset.source == "imagefolder"
+    metrics = stages.train(
+        params, tmp_path / "prepared", tmp_path / "m.pt", tmp_path / "m.json", tmp_path / "c.csv", progress=False
+    )
+    assert 0 <= metrics["test_acc"] <= 1 and set(metrics["per_class_acc"]["test"]) == {"cat", "dog"}
+    assert "test_attacked_acc" not in metrics  # the stamp splits exist only for the built-in data
