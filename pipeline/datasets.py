@@ -79,7 +79,7 @@ def write_builtin(out: Path, config: BenchmarkConfig, progress: bool = True) -> 
             _save_png(out / object_path, sample.object_mask.astype(np.uint8) * 255)
             rows.append((sample_id, sample_id, split, sample.label, name, sample.stamped, stamp_path, object_path))
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    dataset = Dataset(out.resolve(), list(CLASSES), "builtin", manifest, config.poisoned_class)
+    dataset = Dataset(out, list(CLASSES), "builtin", manifest, config.poisoned_class)
     _write_description(out, dataset, {"benchmark": vars(config) | {"per_class": dict(config.per_class)}})
     return dataset
 
@@ -155,8 +155,10 @@ def _carve_validation(manifest: pd.DataFrame, fraction: float, seed: int) -> pd.
 def _write_description(out: Path, dataset: Dataset, extra: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_with(out / "manifest.parquet", lambda tmp: dataset.manifest.to_parquet(tmp, index=False))
+    # the built-in images live beside the manifest: record "." so the folder means the same on every checkout
+    root = "." if dataset.source == "builtin" else str(Path(dataset.root).resolve())
     description = {
-        "root": str(dataset.root),
+        "root": root,
         "classes": dataset.classes,
         "source": dataset.source,
         "poisoned_class": dataset.poisoned_class,
@@ -175,7 +177,7 @@ def load_dataset(prepared: Path) -> Dataset:
     description = json.loads(description_path.read_text())
     manifest = pd.read_parquet(manifest_path)
     return Dataset(
-        Path(description["root"]),
+        prepared / description["root"],  # relative roots are relative to the prepared folder
         description["classes"],
         description["source"],
         manifest,
