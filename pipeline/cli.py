@@ -9,13 +9,16 @@ import click
 
 from .params import load_params
 
-PARAMS = click.option(
-    "--params",
-    "params_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default="params.yaml",
-    show_default=True,
-    help="Parameter file; each stage reads its own sections.",
+
+def path_option(flag: str, default: str, help: str, *, folder: bool = False, dest: str | None = None):
+    """A ``--flag PATH`` option with its default shown in ``--help``."""
+    kind = click.Path(file_okay=not folder, dir_okay=folder, path_type=Path)
+    names = (flag, dest) if dest else (flag,)
+    return click.option(*names, type=kind, default=default, show_default=True, help=help)
+
+
+PARAMS = path_option(
+    "--params", "params.yaml", "Parameter file; each stage reads its own sections.", dest="params_path"
 )
 PROGRESS = click.option(
     "--progress/--no-progress",
@@ -35,12 +38,11 @@ def main() -> None:
 
 @main.command()
 @PARAMS
-@click.option(
+@path_option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default="data/prepared",
-    show_default=True,
-    help="Where the prepared data set goes (images of the built-in benchmark, manifest.parquet, dataset.json).",
+    "data/prepared",
+    "Where the prepared data set goes (images of the built-in benchmark, manifest.parquet, dataset.json).",
+    folder=True,
 )
 @PROGRESS
 def prepare(params_path: Path, out: Path, progress: bool | None) -> None:
@@ -54,33 +56,26 @@ def prepare(params_path: Path, out: Path, progress: bool | None) -> None:
 
 @main.command()
 @PARAMS
-@click.option(
+@path_option(
     "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    default="data/prepared",
-    show_default=True,
-    help="The prepared data set (output of prepare).",
+    "data/prepared",
+    "The prepared data set (output of prepare).",
+    folder=True,
 )
-@click.option(
+@path_option(
     "--model-out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default="models/model.pt",
-    show_default=True,
-    help="Where the trained state dict goes.",
+    "models/model.pt",
+    "Where the trained state dict goes.",
 )
-@click.option(
+@path_option(
     "--metrics-out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default="metrics/train.json",
-    show_default=True,
-    help="Metrics JSON (accuracies per test split, per class, shortcut figures).",
+    "metrics/train.json",
+    "Metrics JSON (accuracies per test split, per class, shortcut figures).",
 )
-@click.option(
+@path_option(
     "--curve-out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default="metrics/train_curve.csv",
-    show_default=True,
-    help="Per-epoch training curve (CSV) for `dvc plots`.",
+    "metrics/train_curve.csv",
+    "Per-epoch training curve (CSV) for `dvc plots`.",
 )
 @PROGRESS
 def train(
