@@ -89,8 +89,55 @@ def train(
     click.echo(f"trained {model_out}: {shown}")
 
 
+@main.command()
+@PARAMS
+@path_option("--data", "data/prepared", "The prepared data set (output of prepare).", folder=True)
+@path_option("--model", "models/model.pt", "The model to explain (state dict).")
+@path_option(
+    "--out",
+    "attributions/original",
+    "Relevance store directory (relevance.zarr, parts/, samples.parquet); resumed if it exists.",
+    folder=True,
+)
+@click.option("--scheduler", default=None, help="Address of a Dask scheduler to run on (overrides params).")
+@click.option("--workers", type=int, default=None, help="Start a local Dask cluster with N workers (overrides params).")
+@PROGRESS
+def attribute(
+    params_path: Path,
+    data: Path,
+    model: Path,
+    out: Path,
+    scheduler: str | None,
+    workers: int | None,
+    progress: bool | None,
+) -> None:
+    """Compute LRP heatmaps of the audited split into a resumable relevance store."""
+    from .attribute import run_attribute
+
+    params = load_params(params_path)
+    overrides = {k: v for k, v in (("scheduler", scheduler), ("workers", workers)) if v is not None}
+    if overrides:
+        params = params | {"attribute": (params.get("attribute") or {}) | overrides}
+    table = run_attribute(params, data, model, out, progress=_progress(progress))
+    click.echo(f"relevance store {out}: {len(table)} samples, {int(table.correct.sum())} predicted right")
+
+
+@main.command("export-virelay")
+@path_option("--store", "attributions/original", "A finished relevance store.", folder=True)
+@path_option("--data", "data/prepared", "The prepared data set the store was computed on.", folder=True)
+@path_option("--out", "exports/virelay", "Output folder for the HDF5 files and the label map.", folder=True)
+@click.option("--name", default="spray-audit", show_default=True, help="Base name of the exported files.")
+def export_virelay(store: Path, data: Path, out: Path, name: str) -> None:
+    """Write the input, attribution and label-map files that CoRelAy/ViRelAy read."""
+    from .export import export_virelay as run
+
+    files = run(store, data, out, name)
+    click.echo("wrote " + ", ".join(str(f) for f in files))
+
+
 def entry_point() -> None:
     """Console script: errors in the user's data or parameters print one line, not a traceback."""
+    from .attribute import AttributionError
     from .datasets import DataError
     from .models import CheckpointError
 
@@ -101,7 +148,7 @@ def entry_point() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (AttributionError, DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
 
