@@ -227,3 +227,17 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     pd.testing.assert_frame_equal(
         RelevanceStore(tmp_path / "killed").table(), RelevanceStore(tmp_path / "clean").table()
     )
+
+
+def test_a_dying_dask_worker_has_its_task_rerun(setup, tmp_path, monkeypatch):
+    from pipeline.scaleout import CHAOS_BLOCK, CHAOS_MARKER
+
+    root, reference, _ = setup
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(CHAOS_BLOCK, "2")
+    monkeypatch.setenv(CHAOS_MARKER, str(marker))
+    params = PARAMS | {"attribute": PARAMS["attribute"] | {"workers": 2}}
+    table = run_attribute(params, root / "prepared", root / "model.pt", tmp_path / "out", progress=False)
+    assert marker.exists(), "a worker really died while computing block 2"
+    assert len(table) == 42
+    np.testing.assert_allclose(_arrays(tmp_path / "out")["pooled"], _arrays(reference)["pooled"], rtol=1e-3, atol=1e-5)
