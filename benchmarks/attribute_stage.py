@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=100, help="train images per class (6 classes)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--block-batches", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the stage")
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: auto)")
     parser.add_argument("--dask", nargs="*", type=int, default=[1, 2], help="Dask worker counts to time (CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -8,6 +8,7 @@ task; a worker plugin loads the model once per worker and each task writes its o
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +39,7 @@ ATTRIBUTE_DEFAULTS = {
     "batch_size": 64,
     "block_batches": 4,  # batches per block: the unit of writing, resuming and Dask tasks
     "pooled_size": 32,
-    "num_workers": 0,  # DataLoader worker processes
+    "num_workers": None,  # DataLoader worker processes (None: 0 on CPU, up to 8 on CUDA, where decoding would lag)
     "device": "auto",  # auto, cpu, cuda, cuda:1, ...
     "precision": None,  # None, fp32, tf32, bf16 (see lrp_core.PRECISIONS)
     "threads": None,  # torch threads per process (None: torch's default)
@@ -304,7 +305,11 @@ def run_attribute(
         else:
             threads = torch.get_num_threads()
             try:
-                _run_local(BlockComputer(job), layout, blocks, settings["num_workers"], progress, on_block)
+                computer = BlockComputer(job)
+                num_workers = settings["num_workers"]
+                if num_workers is None:
+                    num_workers = min(8, os.cpu_count() or 1) if computer.device.type == "cuda" else 0
+                _run_local(computer, layout, blocks, num_workers, progress, on_block)
             finally:
                 torch.set_num_threads(threads)  # `threads` is meant for stage processes, not for a caller's
 
