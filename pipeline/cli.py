@@ -122,6 +122,28 @@ def attribute(
     click.echo(f"relevance store {out}: {len(table)} samples, {int(table.correct.sum())} predicted right")
 
 
+@main.command()
+@PARAMS
+@path_option("--store", "attributions/original", "A finished relevance store.", folder=True)
+@path_option(
+    "--data", "data/prepared", "The prepared data set (class names; ground truth to score built-in data).", folder=True
+)
+@path_option(
+    "--out", "spray/original", "Output folder (samples.parquet, clusters.parquet, members/, ...).", folder=True
+)
+@path_option("--metrics-out", "metrics/spray_original.json", "Metrics JSON.")
+@PROGRESS
+def spray(params_path: Path, store: Path, data: Path, out: Path, metrics_out: Path, progress: bool | None) -> None:
+    """Cluster each class's heatmaps by SpRAy and rank the clusters by Clever-Hans score."""
+    from .spray_stage import run_spray
+
+    metrics = run_spray(load_params(params_path), store, data, out, metrics_out, progress=_progress(progress))
+    click.echo(
+        f"spray {out}: {metrics['n_clusters']} clusters, {metrics['n_flagged']} flagged; "
+        f"top {metrics['top_cluster']} (score {metrics['top_ch_score']:.3f})"
+    )
+
+
 @main.command("export-virelay")
 @path_option("--store", "attributions/original", "A finished relevance store.", folder=True)
 @path_option("--data", "data/prepared", "The prepared data set the store was computed on.", folder=True)

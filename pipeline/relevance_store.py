@@ -22,9 +22,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import zarr
+
+from audits.pooling import sum_pool_matrix
 
 from .io import write_with
 
@@ -179,14 +180,3 @@ class RelevanceStore:
 def _fingerprint(layout: StoreLayout, attrs: dict) -> str:
     payload = json.dumps({"layout": vars(layout), "attrs": attrs}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def sum_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``(n_out, n_in)`` matrix that spreads each input cell over the output bins it overlaps; columns sum to one,
-    so ``A @ R @ B.T`` is a relevance-conserving sum pooling for any sizes (plain block sums when they divide)."""
-    matrix = np.zeros((n_out, n_in))
-    for i in range(n_in):
-        lo, hi = i * n_out / n_in, (i + 1) * n_out / n_in
-        for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), n_out)):
-            matrix[j, i] = min(hi, j + 1) - max(lo, j)
-    return matrix / matrix.sum(0, keepdims=True)
