@@ -29,12 +29,12 @@ def sum_pool(maps: np.ndarray, size: int | None) -> np.ndarray:
     n, h, w = maps.shape
     if size is None or (h == size and w == size):
         return maps
-    rows, cols = sum_pool_matrix(h, size), sum_pool_matrix(w, size)
+    rows, cols = sum_pool_matrix(h, size).astype(maps.dtype), sum_pool_matrix(w, size).astype(maps.dtype)
     return np.einsum("ih,nhw,jw->nij", rows, maps, cols, optimize=True)
 
 
 def normalize_maps(maps: np.ndarray, how: str = "abs") -> np.ndarray:
-    """Per-map normalisation, flattened to ``(N, D)`` features.
+    """Per-map normalisation, flattened to ``(N, D)`` float32 features.
 
     - ``abs`` (default): ``|R| / sum|R|``: where relevance lies, regardless of sign (a distribution per map);
     - ``signed``: ``R / sum|R|``: keeps evidence against the class apart from evidence for it;
@@ -44,11 +44,18 @@ def normalize_maps(maps: np.ndarray, how: str = "abs") -> np.ndarray:
     """
     if how not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {how!r}")
-    flat = maps.reshape(len(maps), -1).astype(np.float64)
-    scale = np.abs(flat).max(1) if how == "max" else np.abs(flat).sum(1)
+    # one float32 copy, modified in place (at 10^5 maps, float64 temporaries would dominate memory)
+    flat = maps.reshape(len(maps), -1).astype(np.float32, copy=True)
+    if how == "abs":
+        np.abs(flat, out=flat)
+        scale = flat.sum(1, dtype=np.float64)
+    elif how == "max":
+        scale = np.abs(flat).max(1).astype(np.float64)
+    else:
+        scale = np.abs(flat).sum(1, dtype=np.float64)
     zero = scale == 0
     if zero.any():
         warnings.warn(f"{int(zero.sum())} maps are all zero (e.g. index {int(np.flatnonzero(zero)[0])})", stacklevel=2)
     scale[zero] = 1.0
-    features = (np.abs(flat) if how == "abs" else flat) / scale[:, None]
-    return features
+    flat /= scale[:, None].astype(np.float32)
+    return flat

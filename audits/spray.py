@@ -36,8 +36,11 @@ def knn_affinity(features: np.ndarray, n_neighbors: int, approximate: bool, rand
         index = NNDescent(features, n_neighbors=n_neighbors + 1, random_state=random_state, n_jobs=1)
         neighbors, distances = index.neighbor_graph
     else:
+        from sklearn import config_context
+
         model = NearestNeighbors(n_neighbors=n_neighbors + 1, algorithm="brute").fit(features)
-        distances, neighbors = model.kneighbors(features)
+        with config_context(working_memory=128):  # MB per distance chunk: memory stays O(N k), not O(N^2)
+            distances, neighbors = model.kneighbors(features)
     # drop each point itself (usually first; robust to duplicates by masking self-references)
     rows = np.repeat(np.arange(n), neighbors.shape[1])
     cols, dist = neighbors.ravel(), distances.ravel()
@@ -169,7 +172,9 @@ class SpRAy:
         unknown = set(self.embeddings) - {"tsne", "umap"}
         if unknown:
             raise ValueError(f"unknown embeddings {sorted(unknown)}; choose from ('tsne', 'umap')")
-        self.features_ = normalize_maps(sum_pool(maps.astype(np.float64), self.pooled_size), self.normalization)
+        # float32 features (half the memory of float64 at 10^5 maps); the graph and spectrum are float64
+        pooled = sum_pool(maps.astype(np.float32, copy=False), self.pooled_size)
+        self.features_ = normalize_maps(pooled, self.normalization)
         k_max = min(self.k_max, n - 1)
         n_eig = self.n_eigenvalues or self.k_max + 8
         if n_eig > n - 1 or k_max < self.k_max:

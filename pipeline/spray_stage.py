@@ -6,7 +6,8 @@ Writes to ``spray/<model>/``:
   ch_rank (rank of the sample's cluster, 1 = first), tsne_x/y, umap_x/y;
 - ``classes.json``: per class the eigenvalues, gaps, chosen k, gap strength, stability, kNN degree;
 - ``clusters.parquet`` / ``clusters.csv``: all clusters ranked by Clever-Hans score (``audits.clever_hans``);
-- ``cluster_means.npz``: mean map of every cluster (key ``<class index>/<cluster>``);
+- ``cluster_means.npz``: mean map of every cluster (key ``<class index>/<cluster>``) and its medoid's map
+  (``medoid/<class index>/<cluster>``), both normalised as clustered;
 - ``members/<class>__cluster<j>.json`` and ``.csv``: the sample ids of every cluster;
 
 and metrics JSON (for the built-in data also ``artifact_ari`` and ``artifact_rank``, scored with ground truth that
@@ -93,6 +94,8 @@ def run_spray(
         stats.insert(0, "class_name", name)
         stats.insert(1, "class_index", k_index)
         stats["k"] = spray.n_clusters_
+        for j, medoid in zip(stats.cluster, stats.medoid):
+            means[f"medoid/{k_index}/{j}"] = spray.features_[medoid].reshape(side, side).astype(np.float32)
         stats["exemplars"] = [table.sample_id.iloc[idx[e]].tolist() for e in stats.exemplars]
         stats["medoid"] = [table.sample_id.iloc[idx[m]] for m in stats.medoid]
         cluster_rows.append(stats)
