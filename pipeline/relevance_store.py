@@ -108,29 +108,21 @@ class RelevanceStore:
         group = zarr.open_group(self.zarr_path, mode="w")
         block, batch = layout.block_size, layout.batch_size
         h, w, p = layout.height, layout.width, layout.pooled_size
-        group.create_array(
-            "heatmap",
-            shape=(layout.n_samples, h, w),
-            chunks=(batch, h, w),
-            shards=(block, h, w),
-            dtype="float16",
-            fill_value=0,
-        )
-        group.create_array(
-            "pooled",
-            shape=(layout.n_samples, p, p),
-            chunks=(batch, p, p),
-            shards=(block, p, p),
-            dtype="float32",
-            fill_value=0,
-        )
-        group.create_array(
-            "logits",
-            shape=(layout.n_samples, layout.n_classes),
-            chunks=(block, layout.n_classes),
-            dtype="float32",
-            fill_value=0,
-        )
+        # name: (shape after the sample axis, dtype, sharded by block with one chunk per batch?)
+        specs = {
+            "heatmap": ((h, w), "float16", True),
+            "pooled": ((p, p), "float32", True),
+            "logits": ((layout.n_classes,), "float32", False),
+        }
+        for name, (tail, dtype, sharded) in specs.items():
+            group.create_array(
+                name,
+                shape=(layout.n_samples, *tail),
+                chunks=((batch if sharded else block), *tail),
+                shards=(block, *tail) if sharded else None,
+                dtype=dtype,
+                fill_value=0,
+            )
         group.attrs.update(attrs | {"layout": vars(layout)})
 
     def _part_path(self, block: int) -> Path:
