@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -53,6 +54,8 @@ def audit() -> None:
 
 def test() -> None:
     ensure_environment("test")
+    if not any(shutil.which(b) for b in ("chromium", "chromium-browser")):
+        print("note: no Chromium; the report's browser tests will skip (apt-get install chromium)", flush=True)
     _run(PYTHON, "-m", "ruff", "check", ".")
     _run(PYTHON, "-m", "pytest", "-q", "tests")
 

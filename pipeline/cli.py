@@ -144,6 +144,21 @@ def spray(params_path: Path, store: Path, data: Path, out: Path, metrics_out: Pa
     )
 
 
+@main.command()
+@PARAMS
+@path_option("--spray", "spray/original", "Results of the spray stage.", folder=True, dest="spray_dir")
+@path_option("--store", "attributions/original", "The relevance store the spray stage clustered.", folder=True)
+@path_option("--data", "data/prepared", "The prepared data set (input images for the galleries).", folder=True)
+@path_option("--out", "reports/audit.html", "The standalone HTML page.")
+@PROGRESS
+def report(params_path: Path, spray_dir: Path, store: Path, data: Path, out: Path, progress: bool | None) -> None:
+    """Write the audit as one standalone HTML page (opens from disk, needs no network)."""
+    from .report_stage import run_report
+
+    facts = run_report(load_params(params_path), spray_dir, store, data, out, progress=_progress(progress))
+    click.echo(f"report {out}: {facts['classes']} classes, {facts['flagged']} flagged, {facts['bytes'] / 1e6:.1f} MB")
+
+
 @main.command("export-virelay")
 @path_option("--store", "attributions/original", "A finished relevance store.", folder=True)
 @path_option("--data", "data/prepared", "The prepared data set the store was computed on.", folder=True)

@@ -32,7 +32,7 @@ from .io import write_json, write_with
 from .params import section
 from .relevance_store import RelevanceStore
 
-__all__ = ["SPRAY_DEFAULTS", "run_spray"]
+__all__ = ["SPRAY_DEFAULTS", "run_spray", "members_stem"]
 
 SPRAY_DEFAULTS = {
     "group_by": "label",  # or "prediction"
@@ -50,8 +50,13 @@ SPRAY_DEFAULTS = {
 }
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80] or "class"
+def members_stem(out: Path, class_name: str, class_index: int, cluster: int) -> Path:
+    """``<out>/members/<class>__cluster<j>`` (add ``.json`` or ``.csv``). A class name that is not a safe file name
+    is reduced to one and gets its class index appended, so two such names never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", class_name)[:80].lstrip(".")
+    if safe != class_name:
+        safe = f"{safe or 'class'}-{int(class_index)}"
+    return Path(out) / "members" / f"{safe}__cluster{int(cluster)}"
 
 
 def run_spray(
@@ -135,7 +140,7 @@ def run_spray(
 
     for r in ranked.itertuples():
         members = samples.sample_id[(samples.group == r.class_index) & (samples.cluster == r.cluster)].tolist()
-        stem = out / "members" / f"{_safe(r.class_name)}__cluster{r.cluster}"
+        stem = members_stem(out, r.class_name, r.class_index, r.cluster)
         write_json(
             stem.with_suffix(".json"),
             {"class_name": r.class_name, "cluster": int(r.cluster), "ch_rank": int(r.ch_rank), "sample_ids": members},

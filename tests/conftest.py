@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(2)
 
@@ -57,3 +62,33 @@ class VGGLike(nn.Module):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
+    """The default pipeline (tSNE only, to save time) into ``tmp``: prepare, train, attribute, spray, report."""
+    from pipeline import stages
+    from pipeline.attribute import run_attribute
+    from pipeline.report_stage import run_report
+    from pipeline.spray_stage import run_spray
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["builtin"]["stamp_fraction"] = stamp_fraction
+    params["spray"]["embeddings"] = ["tsne"]
+    stages.prepare(params, tmp / "prepared", progress=False)
+    train = stages.train(params, tmp / "prepared", tmp / "model.pt", tmp / "train.json", tmp / "c.csv", progress=False)
+    run_attribute(params, tmp / "prepared", tmp / "model.pt", tmp / "store", progress=False)
+    spray = run_spray(params, tmp / "store", tmp / "prepared", tmp / "spray", tmp / "spray.json", progress=False)
+    report = run_report(params, tmp / "spray", tmp / "store", tmp / "prepared", tmp / "reports" / "audit.html", False)
+    return {"train": train, "spray": spray, "report": report, "dir": tmp, "params": params}
+
+
+@pytest.fixture(scope="session")
+def poisoned(tmp_path_factory):
+    """The default benchmark with its planted stamp (about two minutes)."""
+    return run_default_benchmark(tmp_path_factory.mktemp("poisoned"), 0.3)
+
+
+@pytest.fixture(scope="session")
+def clean(tmp_path_factory):
+    """The default benchmark without the stamp."""
+    return run_default_benchmark(tmp_path_factory.mktemp("clean"), 0.0)

@@ -1,44 +1,16 @@
-"""The built-in benchmark end to end (prepare, train, attribute, spray), with and without the planted stamp.
+"""The built-in benchmark end to end (prepare, train, attribute, spray, report), with and without the planted stamp.
 
 With the stamp the model must learn the shortcut and SpRAy must find it; without it nothing may be flagged.
-About two minutes per configuration on two CPU cores.
+About two minutes per configuration on two CPU cores; the runs are session fixtures (conftest.py) that the
+browser tests of the report share.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from pipeline import stages
-from pipeline.attribute import run_attribute
-from pipeline.spray_stage import run_spray
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(tmp: Path, stamp_fraction: float) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["builtin"]["stamp_fraction"] = stamp_fraction
-    params["spray"]["embeddings"] = ["tsne"]
-    stages.prepare(params, tmp / "prepared", progress=False)
-    train = stages.train(params, tmp / "prepared", tmp / "model.pt", tmp / "train.json", tmp / "c.csv", progress=False)
-    run_attribute(params, tmp / "prepared", tmp / "model.pt", tmp / "store", progress=False)
-    spray = run_spray(params, tmp / "store", tmp / "prepared", tmp / "spray", tmp / "spray.json", progress=False)
-    return {"train": train, "spray": spray, "dir": tmp}
-
-
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("poisoned"), 0.3)
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("clean"), 0.0)
 
 
 @pytest.mark.slow

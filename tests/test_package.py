@@ -18,6 +18,8 @@ def _imported_modules(statement: str) -> set[str]:
 
 def test_audits_does_not_import_torch():
     assert "torch" not in _imported_modules("import audits")
+    modules = _imported_modules("import audits.report, audits.report.demo; audits.report.demo.synthetic_view(1, 12)")
+    assert not {"torch", "pipeline", "lrp_core"} & modules
 
 
 def test_lrp_core_imports_nothing_of_the_project_but_itself():

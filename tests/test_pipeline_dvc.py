@@ -59,6 +59,9 @@ def test_repro_runs_prepare_and_train_then_skips(project):
     for key in ("test_clean_acc", "test_as_trained_acc", "test_attacked_acc"):
         assert 0.0 <= values[key] <= 1.0, key
     assert (work / "models" / "model.pt").is_file()
+    assert "Running stage 'report'" in first
+    report = (work / "reports" / "audit.html").read_text()
+    assert report.startswith("<!DOCTYPE html>") and "Clever-Hans candidates" in report
     manifest = work / "data" / "prepared" / "manifest.parquet"
     assert manifest.is_file()
     second = _run([*dvc, "repro"], work, env)
