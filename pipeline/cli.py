@@ -159,6 +159,61 @@ def report(params_path: Path, spray_dir: Path, store: Path, data: Path, out: Pat
     click.echo(f"report {out}: {facts['classes']} classes, {facts['flagged']} flagged, {facts['bytes'] / 1e6:.1f} MB")
 
 
+@main.command()
+@PARAMS
+@path_option("--data", "data/prepared", "The prepared data set.", folder=True)
+@path_option("--model", "models/model.pt", "The audited model (state dict).")
+@path_option(
+    "--store", "attributions/original", "Its relevance store (member maps for the artifact region).", folder=True
+)
+@path_option("--spray", "spray/original", "Its spray results (the flagged cluster).", folder=True, dest="spray_dir")
+@path_option("--model-out", "models/model_cleaned.pt", "Where the cleaned state dict goes.")
+@path_option("--metrics-out", "metrics/unlearn.json", "Metrics JSON (before/after, every compared method).")
+@PROGRESS
+def unlearn(
+    params_path: Path, data: Path, model: Path, store: Path, spray_dir: Path, model_out: Path, metrics_out: Path,
+    progress: bool | None,
+) -> None:  # fmt: skip
+    """Un-learn the flagged cluster (unlearn.method) and score every method of unlearn.compare_methods."""
+    from .unlearn_stage import run_unlearn
+
+    metrics = run_unlearn(
+        load_params(params_path), data, model, store, spray_dir, model_out, metrics_out, progress=_progress(progress)
+    )
+    before, after = metrics["before"], metrics["after"]
+    click.echo(
+        f"unlearn {metrics['method']}: attacked {before.get('test_attacked_acc', float('nan')):.3f} -> "
+        f"{after.get('test_attacked_acc', float('nan')):.3f}, R_bias {before['r_bias']:.3f} -> {after['r_bias']:.3f}"
+    )
+
+
+@main.command()
+@path_option("--unlearn-metrics", "metrics/unlearn.json", "Metrics of the unlearn stage.")
+@click.option("--before", default="original", show_default=True, help="Name of the audited model's outputs.")
+@click.option("--after", default="cleaned", show_default=True, help="Name of the cleaned model's outputs.")
+@path_option("--data", "data/prepared", "The prepared data set.", folder=True)
+@path_option("--metrics-out", "metrics/compare.json", "Contract metrics: before/after.")
+@path_option("--out", "reports/compare.html", "The standalone before/after page.")
+def compare(unlearn_metrics: Path, before: str, after: str, data: Path, metrics_out: Path, out: Path) -> None:
+    """Before/after of un-learning: metrics and a standalone page (reads spray/<name>, attributions/<name>)."""
+    from .compare_stage import run_compare
+
+    names = {"before": before, "after": after}
+    metrics = run_compare(
+        unlearn_metrics,
+        {k: Path("spray") / v for k, v in names.items()},
+        {k: Path("metrics") / f"spray_{v}.json" for k, v in names.items()},
+        {k: Path("attributions") / v for k, v in names.items()},
+        data,
+        metrics_out,
+        out,
+    )
+    b, a = metrics["before"], metrics["after"]
+    click.echo(
+        f"compare {out}: R_bias {b['r_bias']:.3f} -> {a['r_bias']:.3f}, ARI {b['artifact_ari']} -> {a['artifact_ari']}"
+    )
+
+
 @main.command("export-virelay")
 @path_option("--store", "attributions/original", "A finished relevance store.", folder=True)
 @path_option("--data", "data/prepared", "The prepared data set the store was computed on.", folder=True)
@@ -174,6 +229,7 @@ def export_virelay(store: Path, data: Path, out: Path, name: str) -> None:
 
 def entry_point() -> None:
     """Console script: errors in the user's data or parameters print one line, not a traceback."""
+    from .artifact import ArtifactError
     from .attribute import AttributionError
     from .datasets import DataError
     from .models import CheckpointError
@@ -185,7 +241,9 @@ def entry_point() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (AttributionError, DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (
+        ArtifactError, AttributionError, DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError
+    ) as err:  # fmt: skip
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
 

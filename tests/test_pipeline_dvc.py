@@ -17,6 +17,9 @@ TINY = {
     "data": {"image_size": 48, "seed": 0},
     "builtin": {"per_class_train": 10, "per_class_val": 4, "per_class_test": 4, "stamp_size": 8},
     "train": {"epochs": 1, "batch_size": 16},
+    # flag the top cluster whatever it scores, so the unlearning loop runs for real on tiny data
+    "spray": {"flag_threshold": 0.0},
+    "unlearn": {"compare_methods": ["vanilla", "rrr-lrp", "p-clarc"]},
 }
 
 
@@ -60,6 +63,13 @@ def test_repro_runs_prepare_and_train_then_skips(project):
         assert 0.0 <= values[key] <= 1.0, key
     assert (work / "models" / "model.pt").is_file()
     assert "Running stage 'report'" in first
+    for stage in ("unlearn", "attribute@cleaned", "spray@cleaned", "compare"):
+        assert f"Running stage '{stage}'" in first, stage
+    compare = metrics[""]["data"]["metrics/compare.json"]["data"]
+    for when in ("before", "after"):
+        assert {"test_clean_acc", "test_attacked_acc", "r_bias", "artifact_ari"} <= set(compare[when]), when
+    assert compare["method"] == "rrr-lrp" and set(compare["methods"]) == {"vanilla", "rrr-lrp", "p-clarc"}
+    assert (work / "reports" / "compare.html").read_text().startswith("<!DOCTYPE html>")
     report = (work / "reports" / "audit.html").read_text()
     assert report.startswith("<!DOCTYPE html>") and "Clever-Hans candidates" in report
     manifest = work / "data" / "prepared" / "manifest.parquet"

@@ -1,0 +1,183 @@
+"""From a flagged SpRAy cluster to an artifact model, with no human labels.
+
+- samples: the cluster's members;
+- region: the members' mean |R| map (each map L1-normalised), Gaussian-smoothed and thresholded at a share of its
+  maximum; per-member masks follow the cue where it moves (the member's own smoothed |R| above the same share,
+  inside the dilated region);
+- concept direction: a pattern CAV in the last feature map (the input of the global pooling), from spatially
+  max-pooled activations: cov(a, t) / var(t) with t = 1 for members and 0 for the rest of the class, which for a
+  binary t is the difference of the two class-conditional means (Haufe et al.'s "signal" estimate), unit length.
+
+Ground truth of the built-in benchmark is never read here; it only scores the result (``unlearn.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+from torch import nn
+
+__all__ = [
+    "ArtifactModel",
+    "ArtifactError",
+    "NothingFlagged",
+    "select_cluster",
+    "build_region",
+    "feature_layer",
+    "pattern_cav",
+    "paste_artifact",
+]
+
+
+class ArtifactError(ValueError):
+    """No usable artifact: an empty cluster, a region that covers nothing or everything, no concept direction."""
+
+
+class NothingFlagged(ArtifactError):
+    """The audit flagged no cluster and params name none: there is nothing to un-learn (not a failure)."""
+
+
+@dataclass
+class ArtifactModel:
+    class_index: int
+    class_name: str
+    cluster: int
+    member_ids: list[str]
+    region: np.ndarray  # (H, W) bool
+    region_map: np.ndarray  # (H, W) float, the smoothed mean |R| share map
+    member_masks: np.ndarray  # (M, H, W) bool, aligned with member_ids
+    cav: np.ndarray | None = None  # (C,) unit vector in the feature layer
+    cav_reference: float | None = None  # mean projection of non-members on the CAV
+
+    def summary(self) -> dict:
+        return {
+            "class_name": self.class_name,
+            "class_index": self.class_index,
+            "cluster": self.cluster,
+            "n_members": len(self.member_ids),
+            "region_pixels": int(self.region.sum()),
+            "region_share": float(self.region.mean()),
+            "exemplar_ids": self.member_ids[:: max(1, len(self.member_ids) // 6)][:6],
+        }
+
+
+def select_cluster(spray_dir: Path, choice: str | None = None) -> tuple[int, str, int, list[str]]:
+    """The top-ranked flagged cluster, or ``choice`` = ``"<class name>/<cluster>"``; returns its member ids."""
+    clusters = pd.read_parquet(Path(spray_dir) / "clusters.parquet")
+    if choice:
+        name, _, number = str(choice).rpartition("/")
+        if not name or not number.isdigit():
+            raise ArtifactError(f"unlearn.cluster must look like '<class name>/<cluster>'; got {choice!r}")
+        row = clusters[(clusters.class_name == name) & (clusters.cluster == int(number))]
+        if row.empty:
+            raise ArtifactError(f"unlearn.cluster {choice!r} is not a cluster of {spray_dir}")
+    else:
+        row = clusters[clusters.flagged].sort_values("ch_rank")
+        if row.empty:
+            raise NothingFlagged(
+                f"no cluster of {spray_dir} is flagged (top score {clusters.ch_score.max():.3f}); "
+                "name one in params (unlearn.cluster: '<class>/<cluster>') to un-learn it anyway"
+            )
+    from .spray_stage import members_stem  # here, so the fine-tuning code needs no zarr/umap (e.g. on a GPU box)
+
+    r = row.iloc[0]
+    stem = members_stem(Path(spray_dir), r.class_name, int(r.class_index), int(r.cluster))
+    members = json.loads(stem.with_suffix(".json").read_text())["sample_ids"]
+    if not members:
+        raise ArtifactError(f"cluster {r.class_name}/{int(r.cluster)} has no members ({stem}.json)")
+    return int(r.class_index), str(r.class_name), int(r.cluster), list(members)
+
+
+def _share_maps(maps: np.ndarray) -> np.ndarray:
+    a = np.abs(maps.astype(np.float64))
+    total = a.sum((1, 2), keepdims=True)
+    return a / np.where(total > 0, total, 1)
+
+
+def build_region(
+    member_maps: np.ndarray, sigma: float = 1.5, threshold: float = 0.2, dilation: int = 3
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(region, smoothed mean share map, per-member masks) from the members' full-resolution relevance maps."""
+    if len(member_maps) == 0:
+        raise ArtifactError("the artifact cluster has no relevance maps")
+    shares = _share_maps(member_maps)
+    mean = ndimage.gaussian_filter(shares.mean(0), sigma)
+    if not np.isfinite(mean).all() or mean.max() <= 0:
+        raise ArtifactError("the members' relevance is all zero: there is no region to un-learn")
+    region = mean >= threshold * mean.max()
+    if not region.any():
+        raise ArtifactError(f"the artifact region covers nothing (threshold {threshold} of the maximum)")
+    if region.all():
+        raise ArtifactError(f"the artifact region covers the whole image (threshold {threshold}): nothing singles out")
+    around = ndimage.binary_dilation(region, iterations=dilation)
+    smooth = ndimage.gaussian_filter(shares, (0, sigma, sigma))
+    masks = (smooth >= threshold * smooth.max((1, 2), keepdims=True)) & around
+    masks[~masks.any((1, 2))] = region  # a member whose own map misses the region falls back to it
+    return region, mean, masks
+
+
+def feature_layer(model: nn.Module) -> str:
+    """Name of the module whose output is the last feature map: the one before the last global pooling."""
+    names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    pools = [i for i, n in enumerate(names) if isinstance(modules[n], nn.AdaptiveAvgPool2d)]
+    if not pools:
+        raise ArtifactError(f"{type(model).__name__} has no AdaptiveAvgPool2d: name unlearn.cav_layer explicitly")
+    pool = names[pools[-1]]
+    parent, _, _ = pool.rpartition(".")
+    siblings = [n for n in names if n.rpartition(".")[0] == parent and n]
+    index = siblings.index(pool)
+    if index == 0:
+        raise ArtifactError(f"nothing precedes {pool!r}: name unlearn.cav_layer explicitly")
+    return siblings[index - 1]
+
+
+@torch.no_grad()
+def layer_activations(
+    model: nn.Module, layer: str, x: torch.Tensor, pool: str = "max", batch_size: int = 256
+) -> torch.Tensor:
+    """Spatially pooled (``max`` or ``mean``) activations ``(N, C)`` of ``layer``."""
+    module = dict(model.named_modules()).get(layer)
+    if module is None:
+        raise ArtifactError(f"unlearn.cav_layer {layer!r} is not a module of the model")
+    out: list[torch.Tensor] = []
+
+    def keep(module, inputs, output):
+        if output.dim() == 4:
+            output = output.amax((2, 3)) if pool == "max" else output.mean((2, 3))
+        out.append(output.detach())
+
+    handle = module.register_forward_hook(keep)
+    try:
+        model.eval()
+        for start in range(0, len(x), batch_size):
+            model(x[start : start + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def pattern_cav(activations: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit pattern CAV cov(a, t)/var(t) and the non-members' mean projection on it."""
+    t = is_member.astype(np.float64)
+    if t.min() == t.max():
+        raise ArtifactError("a CAV needs members and non-members of the class")
+    a = activations.astype(np.float64)
+    pattern = ((a - a.mean(0)) * (t - t.mean())[:, None]).mean(0) / t.var()
+    norm = np.linalg.norm(pattern)
+    if not np.isfinite(norm) or norm == 0:
+        raise ArtifactError("members and non-members have the same mean activation: no concept direction")
+    cav = pattern / norm
+    return cav, float((a[t == 0] @ cav).mean())
+
+
+def paste_artifact(images: torch.Tensor, sources: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Reveal-to-Revise style: copy each source's artifact pixels (mask) into the target image."""
+    m = masks.to(images.dtype).unsqueeze(1)
+    return images * (1 - m) + sources * m

@@ -1,0 +1,257 @@
+"""Un-learning a flagged Clever-Hans cluster: five methods, one fine-tuning loop, scored on the same data.
+
+- ``rrr-lrp`` (default): cross-entropy + lambda * mean(share^2), share = sum|R * M| / sum|R|, with R the model's
+  own LRP relevance (lrp_core, ``create_graph=True``) for the true class and M the artifact mask;
+- ``rrr``: the same with Ross et al.'s input gradient of sum(log softmax) in place of R (squared gradient mass);
+- ``rr-clarc``: the squared cosine between the feature-map gradient of random-signed logits (spatially summed)
+  and the CAV;
+- ``p-clarc``: no training: the feature map is projected off the CAV onto the non-members' mean, folded exactly
+  into the classifier (the pooling between them is linear and per channel), so the cleaned model is an ordinary
+  state dict;
+- ``vanilla``: the same fine-tuning without a penalty (the control).
+
+Penalties are scale-free shares, so one lambda range serves every model. The loop keeps BatchNorm statistics
+frozen (eval mode; lrp_core requires it and it keeps the fine-tune from drifting), pastes the artifact into a share
+of the other classes' images (Reveal to Revise), and on a non-finite loss stops with the last good weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import lrp_core
+from lrp_core.composites import get_composite
+
+from .artifact import ArtifactError, ArtifactModel, paste_artifact
+
+__all__ = ["METHODS", "UnlearnConfig", "fine_tune", "fold_projection", "relevance_share", "step_function"]
+
+METHODS = ("vanilla", "rrr", "rrr-lrp", "rr-clarc", "p-clarc")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    method: str = "rrr-lrp"
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    optimizer: str = "adam"  # adam (AdamW, the optimiser the model was trained with) or sgd (with momentum)
+    weight: float = 1.0  # lambda
+    anchor: float = 1.0  # KL to the original model's outputs on samples without an artifact
+    paste_fraction: float = 0.25
+    composite: str = "epsilon_plus_flat"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown unlearn method {self.method!r}; choose one of {METHODS}")
+        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.weight < 0:
+            raise ValueError(f"unlearn needs epochs >= 1, batch_size >= 2, lr > 0, lambda >= 0; got {self}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unlearn.optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}")
+        if not 0 <= self.paste_fraction < 1:
+            raise ValueError(f"unlearn.paste_fraction must be in [0, 1); got {self.paste_fraction}")
+
+
+def _share(mass: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per sample: the share of non-negative ``mass`` (B, H, W) inside ``masks``."""
+    return (mass * masks).sum((1, 2)) / (mass.sum((1, 2)) + 1e-9)
+
+
+class _FeatureTap:
+    """Keeps the output of one module (with its graph) during a forward."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        self.value: torch.Tensor | None = None
+        self.handle = dict(model.named_modules())[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.value = output
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def step_function(model: nn.Module, config: UnlearnConfig, artifact: ArtifactModel | None, layer: str | None):
+    """``(x, y, masks) -> (logits, penalty)`` for the method: the one place where the methods differ."""
+    composite = get_composite(config.composite)
+    method = config.method
+
+    def vanilla(x, y, masks):
+        return model(x), torch.zeros(())
+
+    def rrr_lrp(x, y, masks):
+        explanation = lrp_core.explain(model, x, y, composite=composite, create_graph=True)
+        return explanation.output, _share(explanation.relevance.sum(1).abs(), masks).pow(2).mean()
+
+    def rrr(x, y, masks):
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        (grad,) = torch.autograd.grad(F.log_softmax(logits, 1).sum(), x, create_graph=True)
+        return logits, _share(grad.pow(2).sum(1), masks).pow(2).mean()
+
+    if method == "rr-clarc":
+        if artifact is None or artifact.cav is None or layer is None:
+            raise ArtifactError("rr-clarc needs a CAV")
+        cav = torch.as_tensor(artifact.cav, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(config.seed)
+
+    def rr_clarc(x, y, masks):
+        tap = _FeatureTap(model, layer)
+        try:
+            logits = model(x)
+        finally:
+            tap.remove()
+        signs = (torch.randint(0, 2, logits.shape, generator=generator).float() * 2 - 1).to(logits)
+        (grad,) = torch.autograd.grad((signs * logits).sum(), tap.value, create_graph=True)
+        g = grad.sum((2, 3)) if grad.dim() == 4 else grad
+        return logits, ((g @ cav.to(g)) ** 2 / (g.pow(2).sum(1) + 1e-12)).mean()
+
+    return {"vanilla": vanilla, "rrr": rrr, "rrr-lrp": rrr_lrp, "rr-clarc": rr_clarc}[method]
+
+
+def data_term(logits: torch.Tensor, y: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor, anchor: float):
+    """Cross-entropy, plus ``anchor`` x KL(original || fine-tuned) on the samples without an artifact (``keep``):
+    the model may change where the artifact is, and should behave as before elsewhere."""
+    ce = F.cross_entropy(logits, y)
+    if anchor <= 0 or not keep.any():
+        return ce
+    kl = F.kl_div(F.log_softmax(logits[keep], 1), F.log_softmax(reference[keep], 1), log_target=True,
+                  reduction="batchmean")  # fmt: skip
+    return ce + anchor * kl
+
+
+def _freeze_batch_norm(model: nn.Module) -> None:
+    """Eval mode everywhere (BatchNorm statistics frozen; lrp_core refuses BatchNorm in training mode)."""
+    model.eval()
+
+
+def fine_tune(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    artifact: ArtifactModel,
+    member_index: np.ndarray,
+    config: UnlearnConfig,
+    layer: str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of ``model`` on normalised ``images`` with the method's penalty.
+
+    ``masks`` (N, H, W) is each training sample's artifact mask (members: their own; others: the region);
+    ``member_index`` indexes the members in ``images`` (paste sources).
+    """
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if config.method == "p-clarc":
+        raise ValueError("p-clarc does not train: use fold_projection")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    original = copy.deepcopy(model).eval()
+    loss_of = step_function(model, config, artifact, layer)
+    n = len(images)
+    steps = max(1, n // config.batch_size)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    # cosine decay to zero: the last steps settle instead of leaving the model wherever the last batch threw it
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
+    _freeze_batch_norm(model)
+    others = torch.as_tensor(np.flatnonzero((labels != artifact.class_index).numpy()))
+    sources = torch.as_tensor(member_index)
+    last_good = copy.deepcopy(model.state_dict())
+    history, diverged, started = [], False, time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        order = torch.randperm(n, generator=generator)
+        totals = {"loss": 0.0, "ce": 0.0, "penalty": 0.0}
+        bar = tqdm(range(steps), desc=f"{config.method} {epoch}/{config.epochs}", disable=not progress)
+        for step in bar:
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x, y, m = images[index].clone(), labels[index], masks[index].clone()
+            n_paste = int(round(config.paste_fraction * len(index))) if len(others) and len(sources) else 0
+            if n_paste:
+                targets = others[torch.randint(len(others), (n_paste,), generator=generator)]
+                picks = sources[torch.randint(len(sources), (n_paste,), generator=generator)]
+                x[:n_paste] = paste_artifact(images[targets], images[picks], masks[picks])
+                y = y.clone()
+                y[:n_paste] = labels[targets]
+                m[:n_paste] = masks[picks]
+            keep = ~m.flatten(1).any(1)  # no artifact (neither a member nor pasted): behave as before
+            with torch.no_grad():
+                reference = original(x)
+            logits, penalty = loss_of(x, y, m.float())
+            ce = data_term(logits, y, reference, keep, config.anchor)
+            loss = ce + config.weight * penalty
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            for key, value in (("loss", loss), ("ce", ce), ("penalty", penalty)):
+                totals[key] += float(value.detach()) / steps
+            bar.set_postfix(ce=f"{float(ce.detach()):.3f}", penalty=f"{float(penalty.detach()):.3f}")
+        if diverged or not all(math.isfinite(float(p.detach().abs().sum())) for p in model.parameters()):
+            diverged = True
+            model.load_state_dict(last_good)
+            break
+        last_good = copy.deepcopy(model.state_dict())
+        history.append({"epoch": epoch, **totals})
+    model.eval()
+    return model, {"history": history, "diverged": diverged, "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def fold_projection(model: nn.Module, layer: str, cav: np.ndarray, reference: float) -> nn.Module:
+    """P-ClArC folded into the first Linear after ``layer``: every location's feature vector a becomes
+    a - v (v.a - reference). Exact when only a per-channel linear pooling (and a flatten) lies between them."""
+    model = copy.deepcopy(model)
+    names = [n for n, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    after = names[names.index(layer) + 1 :]
+    linear_name = next((n for n in after if isinstance(modules[n], nn.Linear)), None)
+    between = [modules[n] for n in after[: after.index(linear_name)]] if linear_name else []
+    allowed = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+    if linear_name is None or not all(isinstance(m, allowed) for m in between if not list(m.children())):
+        raise ArtifactError(f"p-clarc folds into a Linear reached from {layer!r} by pooling only; not so here")
+    linear = modules[linear_name]
+    v = torch.as_tensor(cav, dtype=linear.weight.dtype)
+    channels = len(v)
+    if linear.in_features % channels:
+        raise ArtifactError(f"{linear_name} has {linear.in_features} inputs, not a multiple of {channels} channels")
+    w = linear.weight.view(linear.out_features, channels, -1)  # (K, C, locations), channel-major flatten
+    along = torch.einsum("kcl,c->kl", w, v)  # (K, L)
+    linear.weight.copy_((w - along.unsqueeze(1) * v.view(1, -1, 1)).view_as(linear.weight))
+    if linear.bias is None:
+        raise ArtifactError(f"p-clarc needs a bias in {linear_name}")
+    linear.bias.add_(along.sum(1) * reference)
+    return model
+
+
+def relevance_share(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, composite: str,
+    batch_size: int = 128,
+) -> float:  # fmt: skip
+    """R_bias = sum|R * M| / sum|R| over the given samples (LRP for the true class)."""
+    inside, total = 0.0, 0.0
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, start + batch_size)
+        r = lrp_core.attribute(model, images[sl], labels[sl], composite=get_composite(composite)).sum(1).abs()
+        inside += float((r * masks[sl].float()).sum())
+        total += float(r.sum())
+    return inside / total if total > 0 else float("nan")

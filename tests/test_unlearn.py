@@ -1,0 +1,178 @@
+"""Un-learning: the artifact model, the methods' mechanics, and the targets on the built-in benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from browser import open_page, undecoded_images, wait_for_plots
+
+from pipeline.artifact import (
+    ArtifactError,
+    NothingFlagged,
+    build_region,
+    feature_layer,
+    pattern_cav,
+    select_cluster,
+)
+from pipeline.models import small_cnn
+from pipeline.unlearn import UnlearnConfig, fine_tune, fold_projection
+
+
+def _blob_maps(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    maps = rng.normal(0, 0.02, (n, size, size))
+    for i in range(n):
+        dy, dx = rng.integers(-1, 2, 2)
+        maps[i, 24 + dy : 28 + dy, 2 + dx : 6 + dx] += 1.0
+    return maps
+
+
+def test_region_and_member_masks_find_a_planted_cue():
+    maps = _blob_maps(30)
+    region, mean, masks = build_region(maps, sigma=1.0, threshold=0.2)
+    assert region[25:27, 3:5].all() and region.sum() < 80 and not region[:16].any()
+    assert masks.shape == maps.shape and all(m[22:30, 0:8].sum() >= 0.8 * m.sum() for m in masks)
+
+
+def test_no_members_or_no_relevance_is_one_clear_error():
+    with pytest.raises(ArtifactError, match="no relevance maps"):
+        build_region(np.zeros((0, 8, 8)))
+    with pytest.raises(ArtifactError, match="all zero"):
+        build_region(np.zeros((4, 8, 8)))
+    with pytest.raises(ArtifactError, match="covers nothing"):
+        build_region(_blob_maps(4), threshold=1.5)
+    with pytest.raises(ArtifactError, match="whole image"):
+        build_region(np.ones((4, 8, 8)), sigma=0.0)
+
+
+def test_pattern_cav_recovers_the_planted_direction():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    direction /= np.linalg.norm(direction)
+    t = rng.random(400) < 0.3
+    acts = rng.normal(size=(400, 16)) + 3.0 * t[:, None] * direction
+    cav, reference = pattern_cav(acts, t)
+    assert cav @ direction > 0.95 and np.isclose(np.linalg.norm(cav), 1)
+    assert abs(reference - (acts[~t] @ cav).mean()) < 1e-9
+    with pytest.raises(ArtifactError, match="members and non-members"):
+        pattern_cav(acts, np.ones(400, bool))
+
+
+def test_p_clarc_folds_exactly_into_the_classifier():
+    torch.manual_seed(0)
+    model = small_cnn(5).eval()
+    layer = feature_layer(model)
+    assert isinstance(dict(model.named_modules())[layer], torch.nn.ReLU)
+    v = torch.randn(128, dtype=torch.float64)
+    v /= v.norm()
+    reference = 0.7
+    model = model.double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+
+    def project(module, inputs, out):
+        along = torch.einsum("bchw,c->bhw", out, v)
+        return out - v.view(1, -1, 1, 1) * (along - reference).unsqueeze(1)
+
+    handle = dict(model.named_modules())[layer].register_forward_hook(project)
+    with torch.no_grad():
+        expected = model(x)
+    handle.remove()
+    folded = fold_projection(model, layer, v.numpy(), reference)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(model(x), expected)
+
+
+def test_a_diverging_fine_tune_stops_with_the_last_good_weights():
+    torch.manual_seed(0)
+    model = small_cnn(3).eval()
+    images = torch.randn(64, 3, 32, 32)
+    labels = torch.randint(0, 3, (64,))
+    masks = torch.zeros(64, 32, 32, dtype=torch.bool)
+
+    class Artifact:
+        class_index, cav = 0, None
+
+    config = UnlearnConfig(method="vanilla", optimizer="sgd", lr=1e30, epochs=3, batch_size=16, paste_fraction=0.0)
+    cleaned, info = fine_tune(model, images, labels, masks, Artifact(), np.array([], dtype=np.int64), config,
+                              progress=False)  # fmt: skip
+    assert info["diverged"]
+    for name, value in cleaned.state_dict().items():
+        assert torch.isfinite(value.float()).all(), name
+        torch.testing.assert_close(value, model.state_dict()[name])
+
+
+def _clusters(tmp_path, flagged: bool):
+    frame = pd.DataFrame(
+        {"class_name": ["a", "a"], "class_index": [0, 0], "cluster": [0, 1], "ch_score": [0.4, 0.1],
+         "ch_rank": [1, 2], "flagged": [flagged, False]}
+    )  # fmt: skip
+    frame.to_parquet(tmp_path / "clusters.parquet")
+    (tmp_path / "members").mkdir()
+    for j, ids in ((0, ["x1", "x2"]), (1, [])):
+        (tmp_path / "members" / f"a__cluster{j}.json").write_text(json.dumps({"sample_ids": ids}))
+
+
+def test_cluster_selection_names_what_is_wrong(tmp_path):
+    _clusters(tmp_path, flagged=False)
+    with pytest.raises(NothingFlagged, match="no cluster .* is flagged"):
+        select_cluster(tmp_path)
+    assert select_cluster(tmp_path, "a/0") == (0, "a", 0, ["x1", "x2"])
+    with pytest.raises(ArtifactError, match="has no members"):
+        select_cluster(tmp_path, "a/1")
+    with pytest.raises(ArtifactError, match="must look like"):
+        select_cluster(tmp_path, "a")
+    with pytest.raises(ArtifactError, match="is not a cluster"):
+        select_cluster(tmp_path, "b/0")
+
+
+@pytest.mark.slow
+def test_rrr_lrp_unlearns_the_default_benchmarks_stamp(poisoned, tmp_path):
+    """The issue's targets for rrr-lrp, then the re-audit, then the compare page in the browser."""
+    from pipeline.attribute import run_attribute
+    from pipeline.compare_stage import run_compare
+    from pipeline.spray_stage import run_spray
+    from pipeline.unlearn_stage import run_unlearn
+
+    root, params = poisoned["dir"], poisoned["params"]
+    params = params | {"unlearn": {**params["unlearn"], "compare_methods": ["p-clarc"]}}
+    metrics = run_unlearn(
+        params, root / "prepared", root / "model.pt", root / "store", root / "spray", tmp_path / "cleaned.pt",
+        tmp_path / "unlearn.json", progress=False,
+    )  # fmt: skip
+    artifact = metrics["artifact"]
+    assert artifact["class_name"] == "triangle" and artifact["member_precision"] > 0.95
+    assert artifact["region_covers_stamp"] > 0.8 and artifact["region_share"] < 0.15
+    before, after = metrics["before"], metrics["after"]
+    assert after["test_attacked_acc"] >= after["test_clean_acc"] - 0.03
+    assert after["r_bias"] <= 0.3 * before["r_bias"]
+    assert after["test_clean_acc"] >= before["test_clean_acc"] - 0.02
+    assert before["test_attacked_acc"] < before["test_clean_acc"] - 0.2  # there was something to un-learn
+    assert set(metrics["methods"]) == {"rrr-lrp", "p-clarc"}
+
+    run_attribute(params, root / "prepared", tmp_path / "cleaned.pt", tmp_path / "store", progress=False)
+    audit = run_spray(params, tmp_path / "store", root / "prepared", tmp_path / "spray", tmp_path / "s.json",
+                      progress=False)  # fmt: skip
+    assert audit["artifact_best_ari"] <= 0.2 and audit["n_flagged"] == 0
+
+    compare = run_compare(
+        tmp_path / "unlearn.json",
+        {"before": root / "spray", "after": tmp_path / "spray"},
+        {"before": root / "spray.json", "after": tmp_path / "s.json"},
+        {"before": root / "store", "after": tmp_path / "store"},
+        root / "prepared",
+        tmp_path / "compare.json",
+        tmp_path / "compare.html",
+    )
+    for when in ("before", "after"):
+        assert {"test_clean_acc", "test_attacked_acc", "r_bias", "artifact_ari"} <= set(compare[when])
+    assert compare["before"]["artifact_ari"] >= 0.9 and compare["after"]["artifact_ari"] <= 0.2
+    with open_page(tmp_path / "compare.html") as (page, log):
+        wait_for_plots(page)
+        assert page.evaluate("document.querySelectorAll('.js-plotly-plot').length") == 2
+        assert page.evaluate("document.images.length") >= 4 * 6 and undecoded_images(page) == []
+        assert log.errors == [] and log.blocked == [] and log.dialogs == []
