@@ -21,14 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 import lrp_core
-from lrp_core import composites
 
 from .datasets import Dataset, load_dataset, load_images
 from .models import build_model
 from .params import section
 from .relevance_store import TABLE_COLUMNS, RelevanceStore, StoreLayout, file_sha256, sum_pool_matrix
 from .stages import DATA_DEFAULTS, MODEL_DEFAULTS
-from .training import Normalizer
+from .training import Normalizer, composite_for
 
 __all__ = ["ATTRIBUTE_DEFAULTS", "AttributionError", "AttributionJob", "BlockComputer", "run_attribute"]
 
@@ -98,8 +97,8 @@ class BlockComputer:
         self.dataset = load_dataset(Path(job.prepared))
         self.rows = job.rows(self.dataset)
         self.model = build_model(job.arch, len(self.dataset.classes), job.model_path).to(self.device).eval()
-        self.composite = composites.get_composite(job.composite)
         self.normalize = Normalizer(job.mean, job.std)
+        self.composite = composite_for(job.composite, self.normalize)
         self.store = RelevanceStore(job.out)
         pool_h = sum_pool_matrix(job.image_size, job.pooled_size)
         self.pool = torch.as_tensor(pool_h, dtype=torch.float32, device=self.device)
@@ -246,7 +245,7 @@ def run_attribute(
     settings = section(params, "attribute", ATTRIBUTE_DEFAULTS)
     if settings["target"] not in ("label", "prediction"):
         raise AttributionError(f"attribute.target must be 'label' or 'prediction'; got {settings['target']!r}")
-    composites.get_composite(settings["composite"])  # unknown names fail before any work
+    composite_for(settings["composite"], Normalizer(data["mean"], data["std"]))  # unknown names fail before any work
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model {model_path} not found: run the train stage first")
     dataset = load_dataset(prepared)

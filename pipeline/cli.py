@@ -150,12 +150,23 @@ def spray(params_path: Path, store: Path, data: Path, out: Path, metrics_out: Pa
 @path_option("--store", "attributions/original", "The relevance store the spray stage clustered.", folder=True)
 @path_option("--data", "data/prepared", "The prepared data set (input images for the galleries).", folder=True)
 @path_option("--out", "reports/audit.html", "The standalone HTML page.")
+@click.option(
+    "--evaluation",
+    nargs=2,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="METRICS CURVES of the evaluate stage (metrics/evaluate.json evaluation/curves.json): adds their plot.",
+)
 @PROGRESS
-def report(params_path: Path, spray_dir: Path, store: Path, data: Path, out: Path, progress: bool | None) -> None:
+def report(
+    params_path: Path, spray_dir: Path, store: Path, data: Path, out: Path, evaluation, progress: bool | None
+) -> None:
     """Write the audit as one standalone HTML page (opens from disk, needs no network)."""
     from .report_stage import run_report
 
-    facts = run_report(load_params(params_path), spray_dir, store, data, out, progress=_progress(progress))
+    facts = run_report(
+        load_params(params_path), spray_dir, store, data, out, progress=_progress(progress), evaluation=evaluation
+    )
     click.echo(f"report {out}: {facts['classes']} classes, {facts['flagged']} flagged, {facts['bytes'] / 1e6:.1f} MB")
 
 
@@ -211,6 +222,24 @@ def compare(unlearn_metrics: Path, before: str, after: str, data: Path, metrics_
     b, a = metrics["before"], metrics["after"]
     click.echo(
         f"compare {out}: R_bias {b['r_bias']:.3f} -> {a['r_bias']:.3f}, ARI {b['artifact_ari']} -> {a['artifact_ari']}"
+    )
+
+
+@main.command()
+@PARAMS
+@path_option("--data", "data/prepared", "The prepared data set.", folder=True)
+@path_option("--model", "models/model.pt", "The model whose explanations are scored.")
+@path_option("--metrics-out", "metrics/evaluate.json", "Scores per method (AOPC, area between, ground truth).")
+@path_option("--curves-out", "evaluation/curves.json", "Mean perturbation curves per method (for the report).")
+@PROGRESS
+def evaluate(params_path: Path, data: Path, model: Path, metrics_out: Path, curves_out: Path, progress) -> None:
+    """Score LRP composites against gradient, gradient x input and random maps (pixel flipping, ground truth)."""
+    from .evaluate_stage import run_evaluate
+
+    metrics = run_evaluate(load_params(params_path), data, model, metrics_out, curves_out, progress=_progress(progress))
+    best = max(metrics["methods"], key=lambda m: metrics["methods"][m]["area_between"])
+    click.echo(
+        f"evaluate: {len(metrics['methods'])} methods on {metrics['n_images']} images; best area between: {best}"
     )
 
 

@@ -108,8 +108,15 @@ def _href(target: Path, page: Path) -> str:
 
 
 def build_audit_view(
-    params: dict, spray_dir: Path, store_dir: Path, prepared: Path, out: Path, progress: bool = False
+    params: dict,
+    spray_dir: Path,
+    store_dir: Path,
+    prepared: Path,
+    out: Path,
+    progress: bool = False,
+    evaluation: tuple[Path, Path] | None = None,
 ) -> tuple[AuditView, dict]:
+    """The page's data; ``evaluation`` = (metrics/evaluate.json, evaluation/curves.json) adds the quality section."""
     settings = section(params, "report", REPORT_DEFAULTS)
     spray_dir, out = Path(spray_dir), Path(out)
     samples, clusters, class_info = _read_spray(spray_dir)
@@ -225,8 +232,19 @@ def build_audit_view(
         flag_threshold=flag_threshold,
         provenance=provenance,
         n_candidates=int(settings["n_candidates"]),
+        evaluation=_read_evaluation(evaluation),
     )
     return view, settings
+
+
+def _read_evaluation(paths: tuple[Path, Path] | None) -> dict | None:
+    if paths is None:
+        return None
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path} is missing (run the evaluate stage)")
+    metrics, curves = (json.loads(Path(p).read_text()) for p in paths)
+    return {"metrics": metrics, "curves": curves}
 
 
 def _load_pictures(
@@ -252,10 +270,16 @@ def _load_pictures(
 
 
 def run_report(
-    params: dict, spray_dir: Path, store_dir: Path, prepared: Path, out: Path, progress: bool = True
+    params: dict,
+    spray_dir: Path,
+    store_dir: Path,
+    prepared: Path,
+    out: Path,
+    progress: bool = True,
+    evaluation: tuple[Path, Path] | None = None,
 ) -> dict:
     """Write the audit page to ``out`` atomically; returns figures about it."""
-    view, settings = build_audit_view(params, spray_dir, store_dir, prepared, out, progress)
+    view, settings = build_audit_view(params, spray_dir, store_dir, prepared, out, progress, evaluation)
     page = render_audit(view, open_classes=int(settings["open_classes"]))
     write_bytes(out, page.encode("utf-8"))
     return {

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainConfig", "Normalizer", "train_model", "predict", "accuracy"]
+__all__ = ["TrainConfig", "Normalizer", "train_model", "predict", "accuracy", "composite_for"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,16 @@ class Normalizer:
 
     def __call__(self, images: Tensor) -> Tensor:
         return (images.float() / 255.0 - self.mean) / self.std
+
+
+def composite_for(name: str, normalize: Normalizer):
+    """A composite by name; ``epsilon_gamma_box`` gets the bounds of normalised pixels (0 and 1 before
+    normalisation, per channel), which it needs for its z^B first layer."""
+    from lrp_core.composites import get_composite
+
+    if name == "epsilon_gamma_box":
+        return get_composite(name, low=(0 - normalize.mean) / normalize.std, high=(1 - normalize.mean) / normalize.std)
+    return get_composite(name)
 
 
 def predict(model: nn.Module, images: np.ndarray, normalize: Normalizer, batch_size: int = 256) -> np.ndarray:

@@ -49,7 +49,7 @@ class UnlearnConfig:
     weight: float = 1.0  # lambda
     anchor: float = 1.0  # KL to the original model's outputs on samples without an artifact
     paste_fraction: float = 0.25
-    composite: str = "epsilon_plus_flat"
+    composite: object = "epsilon_plus_flat"  # a name, or a Composite (epsilon_gamma_box needs its bounds)
     seed: int = 0
 
     def __post_init__(self):
@@ -84,7 +84,7 @@ class _FeatureTap:
 
 def step_function(model: nn.Module, config: UnlearnConfig, artifact: ArtifactModel | None, layer: str | None):
     """``(x, y, masks) -> (logits, penalty)`` for the method: the one place where the methods differ."""
-    composite = get_composite(config.composite)
+    composite = config.composite if not isinstance(config.composite, str) else get_composite(config.composite)
     method = config.method
 
     def vanilla(x, y, masks):
@@ -251,7 +251,8 @@ def relevance_share(
     model.eval()
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
-        r = lrp_core.attribute(model, images[sl], labels[sl], composite=get_composite(composite)).sum(1).abs()
+        rule = composite if not isinstance(composite, str) else get_composite(composite)
+        r = lrp_core.attribute(model, images[sl], labels[sl], composite=rule).sum(1).abs()
         inside += float((r * masks[sl].float()).sum())
         total += float(r.sum())
     return inside / total if total > 0 else float("nan")

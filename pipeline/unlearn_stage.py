@@ -32,7 +32,7 @@ from .models import build_model
 from .params import section
 from .relevance_store import RelevanceStore
 from .stages import DATA_DEFAULTS, MODEL_DEFAULTS
-from .training import Normalizer, accuracy, predict
+from .training import Normalizer, accuracy, composite_for, predict
 from .unlearn import METHODS, UnlearnConfig, fine_tune, fold_projection, relevance_share
 
 __all__ = ["UNLEARN_DEFAULTS", "run_unlearn"]
@@ -145,7 +145,7 @@ def run_unlearn(
     settings = section(params, "unlearn", UNLEARN_DEFAULTS)
     data = section(params, "data", DATA_DEFAULTS)
     model_params = section(params, "model", MODEL_DEFAULTS)
-    composite = settings["composite"] or params.get("attribute", {}).get("composite", "epsilon_plus_flat")
+    composite_name = settings["composite"] or params.get("attribute", {}).get("composite", "epsilon_plus_flat")
     unknown = [m for m in [settings["method"], *settings["compare_methods"]] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown unlearn method {unknown[0]!r}; choose from {METHODS}")
@@ -153,6 +153,7 @@ def run_unlearn(
     dataset = load_dataset(prepared)
     size = data["image_size"]
     normalize = Normalizer(data["mean"], data["std"])
+    composite = composite_for(composite_name, normalize)
     model = build_model(model_params["arch"], len(dataset.classes), model_path).eval()
 
     train_rows = dataset.split("train").reset_index(drop=True)

@@ -68,6 +68,7 @@ def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
     """The default pipeline (tSNE only, to save time) into ``tmp``: prepare, train, attribute, spray, report."""
     from pipeline import stages
     from pipeline.attribute import run_attribute
+    from pipeline.evaluate_stage import run_evaluate
     from pipeline.report_stage import run_report
     from pipeline.spray_stage import run_spray
 
@@ -78,8 +79,13 @@ def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
     train = stages.train(params, tmp / "prepared", tmp / "model.pt", tmp / "train.json", tmp / "c.csv", progress=False)
     run_attribute(params, tmp / "prepared", tmp / "model.pt", tmp / "store", progress=False)
     spray = run_spray(params, tmp / "store", tmp / "prepared", tmp / "spray", tmp / "spray.json", progress=False)
-    report = run_report(params, tmp / "spray", tmp / "store", tmp / "prepared", tmp / "reports" / "audit.html", False)
-    return {"train": train, "spray": spray, "report": report, "dir": tmp, "params": params}
+    params["evaluate"] = {**params["evaluate"], "methods": ["epsilon_plus_flat", "gradient", "random"]}
+    evaluation = (tmp / "evaluate.json", tmp / "curves.json")
+    quality = run_evaluate(params, tmp / "prepared", tmp / "model.pt", *evaluation, progress=False)
+    report = run_report(
+        params, tmp / "spray", tmp / "store", tmp / "prepared", tmp / "reports" / "audit.html", False, evaluation
+    )
+    return {"train": train, "spray": spray, "report": report, "evaluate": quality, "dir": tmp, "params": params}
 
 
 @pytest.fixture(scope="session")

@@ -61,8 +61,9 @@ def test_default_report_renders_offline_in_chromium(poisoned):
         save_screenshot(page, "report-top.png")
         open_all_sections(page)
         placeholders = page.evaluate("document.querySelectorAll('[data-figure]').length")
-        # per class: spectrum, cluster sizes and the t-SNE scatter (the fixture computes t-SNE only)
-        assert placeholders == 3 * 6 and page.evaluate(N_PLOTS) == placeholders
+        # per class: spectrum, cluster sizes and the t-SNE scatter (the fixture computes t-SNE only); the
+        # explanation-quality section's pixel-flipping curves
+        assert placeholders == 3 * 6 + 1 and page.evaluate(N_PLOTS) == placeholders
         assert page.evaluate("document.querySelectorAll('.js-plotly-plot .main-svg').length") >= placeholders
         n_images = page.evaluate("document.images.length")
         assert n_images > 100 and undecoded_images(page) == []

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .figures import bar_figure, cluster_color, embedding_figure, spectrum_figure
+from .figures import bar_figure, cluster_color, curves_figure, embedding_figure, spectrum_figure
 from .html import Markup, Page, esc, figure_cell, img, join, link, section, table, tag
 from .images import downsize, image_rgb, overlay_rgb, png_data_uri, relevance_data_uri
 
@@ -73,6 +73,7 @@ class AuditView:
     provenance: dict[str, Any] = field(default_factory=dict)  # parameters, code version, inputs
     n_candidates: int = 5
     next_steps: Sequence[Any] | None = None
+    evaluation: dict[str, Any] | None = None  # {"metrics": evaluate.json, "curves": curves.json} (optional)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -264,6 +265,48 @@ def _hover_data(classes: Sequence[ClassView], max_side: int = 64) -> dict[str, l
     return thumbs
 
 
+_QUALITY_COLUMNS = {
+    "aopc_morf": "AOPC (MoRF) ↑",
+    "aopc_lerf": "AOPC (LeRF) ↓",
+    "area_between": "LeRF − MoRF area ↑",
+    "mass_accuracy": "mass accuracy (object) ↑",
+    "rank_accuracy": "rank accuracy (object) ↑",
+    "stamp_share": "share on stamp",
+}
+
+
+def evaluation_section(page: Page, evaluation: dict[str, Any]) -> Markup:
+    """Pixel-flipping curves and the scores of every compared method (the ``evaluate`` stage's outputs)."""
+    metrics, curves = evaluation.get("metrics", {}), evaluation.get("curves", {})
+    blocks: list[Any] = []
+    if curves.get("curves"):
+        blocks.append(
+            page.figure(
+                curves_figure(
+                    curves["curves"],
+                    title=f"Region perturbation ({curves.get('patch')} px patches, fill: {curves.get('fill')}, "
+                    f"{curves.get('n_images')} images)",
+                    x_title="patches removed",
+                    y_title="explained logit (mean)",
+                )
+            )
+        )
+    methods = metrics.get("methods", {})
+    columns = [c for c in _QUALITY_COLUMNS if any(c in m for m in methods.values())]
+    rows = [[name, *(_fmt(scores.get(c, float("nan"))) for c in columns)] for name, scores in methods.items()]
+    blocks.append(table(["method", *(_QUALITY_COLUMNS[c] for c in columns)], rows))
+    blocks.append(
+        tag(
+            "p",
+            f"Random patch order: AOPC {_fmt(metrics.get('random_order_aopc', float('nan')))}. Ground-truth scores "
+            f"count {metrics.get('sign_convention', 'positive relevance only')}: negative relevance is evidence "
+            "against the class, not a location of it.",
+            class_="help",
+        )
+    )
+    return section("Explanation quality", join(blocks), anchor="quality", open=False, lazy=True)
+
+
 def render_audit(view: AuditView, *, open_classes: int = 12) -> str:
     """The whole page as one string (write it with an atomic writer)."""
     page = Page(view.title)
@@ -305,6 +348,8 @@ def render_audit(view: AuditView, *, open_classes: int = 12) -> str:
             anchor="candidates",
         )
     )
+    if view.evaluation:
+        page.add(evaluation_section(page, view.evaluation))
     order = sorted(range(len(view.classes)), key=lambda i: -view.classes[i].top_score)
     overview = table(
         ["class", "samples", "k", "top score", "flagged"],

@@ -12,7 +12,7 @@ import numpy as np
 
 from .html import esc
 
-__all__ = ["CLUSTER_COLORS", "cluster_color", "spectrum_figure", "embedding_figure", "bar_figure"]
+__all__ = ["CLUSTER_COLORS", "cluster_color", "spectrum_figure", "embedding_figure", "bar_figure", "curves_figure"]
 
 # Okabe-Ito first (colour-blind safe), then Tableau 10
 CLUSTER_COLORS = (
@@ -122,4 +122,26 @@ def bar_figure(labels: Sequence[str], values: Sequence[float], *, title: str, co
 
     fig = go.Figure(go.Bar(x=[esc(v) for v in labels], y=list(values), marker={"color": colors}))
     fig.update_layout(_layout(esc(title), height, showlegend=False))
+    return fig
+
+
+def curves_figure(curves: dict[str, dict[str, list[float]]], *, title: str, x_title: str, y_title: str, height=360):
+    """Pixel-flipping curves: one colour per method, solid for most-relevant-first, dashed for least-relevant-first."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (method, orders) in enumerate(curves.items()):
+        color = "#888888" if method.startswith("random") else CLUSTER_COLORS[i % len(CLUSTER_COLORS)]
+        for order, values in orders.items():
+            fig.add_trace(
+                go.Scatter(
+                    x=list(range(len(values))),
+                    y=list(values),
+                    mode="lines",
+                    name=esc(f"{method} ({order})"),
+                    legendgroup=esc(method),
+                    line={"color": color, "dash": "dash" if order == "lerf" else "solid"},
+                )
+            )
+    fig.update_layout(_layout(esc(title), height), xaxis={"title": x_title}, yaxis={"title": y_title})
     return fig
