@@ -15,3 +15,5 @@ for arch in resnet18 vgg16; do
     timeout 90 python3 benchmarks/unlearn_cost.py --device cuda --arch "$arch" --size 224 --batch 32 --steps 10 \
         2>&1 | tee "$OUT/unlearn_cost_${arch}_cuda.json"
 done
+timeout 60 python3 benchmarks/evaluation_speed.py --arch vgg16 --size 224 --patch 16 --images 64 --device cuda \
+    2>&1 | tee "$OUT/evaluation_speed_vgg16_cuda.json"

@@ -29,6 +29,7 @@ __all__ = [
     "index_imagefolder",
     "load_dataset",
     "load_images",
+    "load_masks",
 ]
 
 MANIFEST_COLUMNS = ["sample_id", "path", "split", "label", "class_name", "artifact", "artifact_mask", "object_mask"]
@@ -202,3 +203,8 @@ def load_images(root: Path, paths: Iterable[str], size: int, progress: bool = Fa
             raise DataError(f"cannot read image {path}: {err}") from None
         out[i] = array.reshape(size, size, channels).transpose(2, 0, 1)
     return out
+
+
+def load_masks(root: Path, paths: Iterable[str], size: int) -> np.ndarray:
+    """Ground-truth masks (object, stamp) of the built-in benchmark as ``(N, size, size)`` bool."""
+    return load_images(root, paths, size, mode="L")[:, 0] > 127

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import lrp_core
 from lrp_core import evaluation as ev
 
-from .datasets import load_dataset, load_images
+from .datasets import load_dataset, load_images, load_masks
 from .io import write_json
 from .models import build_model
 from .params import section
@@ -66,10 +66,6 @@ def _explain(method: str, model, x: torch.Tensor, y: torch.Tensor, normalize: No
     return lrp_core.attribute(model, x, y, composite=composite_for(method, normalize))
 
 
-def _masks(dataset, paths, size: int) -> torch.Tensor:
-    return torch.from_numpy(load_images(dataset.root, paths, size, mode="L")[:, 0] > 127)
-
-
 def run_evaluate(
     params: dict, prepared: Path, model_path: Path, metrics_out: Path, curves_out: Path, progress: bool = True
 ) -> dict:
@@ -91,7 +87,7 @@ def run_evaluate(
     rows = _sample(dataset.split("test_clean" if builtin else "test"), settings["n_images"], settings["seed"])
     x = normalize(torch.from_numpy(load_images(dataset.root, rows.path, size)))
     y = torch.tensor(rows.label.to_numpy())
-    objects = _masks(dataset, rows.object_mask, size) if builtin else None
+    objects = torch.from_numpy(load_masks(dataset.root, rows.object_mask, size)) if builtin else None
     stamped = None
     if builtin:
         attacked = dataset.split("test_attacked").set_index("sample_id")
@@ -100,7 +96,7 @@ def run_evaluate(
         stamped = (
             normalize(torch.from_numpy(load_images(dataset.root, attacked.path, size))),
             torch.tensor(attacked.label.to_numpy()),
-            _masks(dataset, attacked.artifact_mask, size),
+            torch.from_numpy(load_masks(dataset.root, attacked.artifact_mask, size)),
         )
 
     def batched(fn, *tensors):

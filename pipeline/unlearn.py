@@ -120,7 +120,7 @@ def step_function(model: nn.Module, config: UnlearnConfig, artifact: ArtifactMod
     return {"vanilla": vanilla, "rrr": rrr, "rrr-lrp": rrr_lrp, "rr-clarc": rr_clarc}[method]
 
 
-def data_term(logits: torch.Tensor, y: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor, anchor: float):
+def data_term(logits: torch.Tensor, y: torch.Tensor, reference: torch.Tensor | None, keep: torch.Tensor, anchor: float):
     """Cross-entropy, plus ``anchor`` x KL(original || fine-tuned) on the samples without an artifact (``keep``):
     the model may change where the artifact is, and should behave as before elsewhere."""
     ce = F.cross_entropy(logits, y)
@@ -190,8 +190,10 @@ def fine_tune(
                 y[:n_paste] = labels[targets]
                 m[:n_paste] = masks[picks]
             keep = ~m.flatten(1).any(1)  # no artifact (neither a member nor pasted): behave as before
-            with torch.no_grad():
-                reference = original(x)
+            reference = None
+            if config.anchor > 0:
+                with torch.no_grad():
+                    reference = original(x)
             logits, penalty = loss_of(x, y, m.float())
             ce = data_term(logits, y, reference, keep, config.anchor)
             loss = ce + config.weight * penalty

@@ -26,7 +26,7 @@ from .artifact import (
     pattern_cav,
     select_cluster,
 )
-from .datasets import Dataset, load_dataset, load_images
+from .datasets import Dataset, load_dataset, load_images, load_masks
 from .io import write_bytes, write_json
 from .models import build_model
 from .params import section
@@ -55,11 +55,6 @@ UNLEARN_DEFAULTS = {
     "composite": None,  # null: attribute.composite
     "seed": 0,
 }
-
-
-def _mask_images(dataset: Dataset, paths, size: int) -> np.ndarray:
-    masks = load_images(dataset.root, paths, size, mode="L")[:, 0]
-    return masks > 127
 
 
 def _artifact(settings, model, spray_dir, store_dir, normalize, train_rows, train_x) -> tuple[ArtifactModel, str]:
@@ -102,7 +97,7 @@ def _builtin_r_bias_data(dataset: Dataset, class_index: int | None, size: int):
     return (
         load_images(dataset.root, rows.path, size),
         rows.label.to_numpy(),
-        _mask_images(dataset, rows.artifact_mask, size),
+        load_masks(dataset.root, rows.artifact_mask, size),
     )
 
 
@@ -114,7 +109,7 @@ def _score_artifact(dataset: Dataset, artifact: ArtifactModel, size: int) -> dic
     stamped = set(of_class.sample_id[truth.loc[of_class.sample_id].to_numpy()])
     members = set(artifact.member_ids)
     stamps = dataset.manifest[dataset.manifest.artifact & (dataset.manifest.split == "train")].artifact_mask
-    region_truth = _mask_images(dataset, stamps.head(200), size).any(0)
+    region_truth = load_masks(dataset.root, stamps.head(200), size).any(0)
     return {
         "member_precision": len(members & stamped) / len(members),
         "member_recall": len(members & stamped) / max(len(stamped), 1),
