@@ -1,5 +1,8 @@
 """lrp_core: exact, fast and differentiable Layer-wise Relevance Propagation for PyTorch.
 
+CNNs and dense networks, LSTM/GRU layers (``rules.SignalTakeAll``), and k-means, SVC and one-class SVM through
+their neuralized form (``lrp_core.neuralize(estimator)``), all with one call: ``attribute(model, x, target)``.
+
 >>> import torch, lrp_core
 >>> from lrp_core import composites
 >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
@@ -9,9 +12,10 @@
 torch.Size([5, 4])
 """
 
-from . import canonizers, composites, layers, rules
+from . import canonizers, composites, layers, neuralized, rules
 from .attribution import PRECISIONS, Explanation, attribute, explain
 from .errors import CanonizationError, LRPError, UnsupportedLayerError
+from .neuralized import neuralize
 
 __all__ = [
     "attribute",
@@ -22,6 +26,8 @@ __all__ = [
     "rules",
     "canonizers",
     "layers",
+    "neuralized",
+    "neuralize",
     "LRPError",
     "UnsupportedLayerError",
     "CanonizationError",

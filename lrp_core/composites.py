@@ -14,7 +14,24 @@ from torch import nn
 
 from .canonizers import Canonizer, default_canonizers
 from .layers import Sum
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, ZBox, ZPlus
+from .neuralized import Distance, DistanceContrast, KernelContrast, Pool
+from .recurrent import RECURRENT_TYPES
+from .rules import (
+    AlphaBeta,
+    DistanceShare,
+    Epsilon,
+    ExpectedContrast,
+    Flat,
+    Gamma,
+    Midpoint,
+    Norm,
+    Pass,
+    PoolShare,
+    Rule,
+    SignalTakeAll,
+    ZBox,
+    ZPlus,
+)
 
 __all__ = [
     "Composite",
@@ -109,11 +126,16 @@ def _match(layer_map: LayerMap, module: nn.Module) -> Rule | None:
     return next((rule for types, rule in layer_map if isinstance(module, types)), None)
 
 
-def _base_map(stabilizer: float) -> list[tuple[tuple[type, ...], Rule]]:
+def _base_map(stabilizer: float, epsilon: float) -> list[tuple[tuple[type, ...], Rule]]:
     return [
         (ACTIVATIONS, Pass()),
         ((Sum,), Norm(stabilizer)),
         (AVG_POOLS, Norm(stabilizer)),
+        (RECURRENT_TYPES, SignalTakeAll(epsilon)),
+        ((DistanceContrast,), Midpoint()),
+        ((Distance,), DistanceShare()),
+        ((KernelContrast,), ExpectedContrast()),
+        ((Pool,), PoolShare()),
     ]
 
 
@@ -124,7 +146,7 @@ class EpsilonPlus(Composite):
         super().__init__(
             layer_map=[
                 *layer_map,
-                *_base_map(stabilizer),
+                *_base_map(stabilizer, epsilon),
                 (CONVOLUTIONS, ZPlus(stabilizer)),
                 (nn.Linear, Epsilon(epsilon)),
             ],
@@ -149,11 +171,13 @@ class EpsilonPlusFlat(Composite):
         super().__init__(
             layer_map=[
                 *layer_map,
-                *_base_map(stabilizer),
+                *_base_map(stabilizer, epsilon),
                 (CONVOLUTIONS, ZPlus(stabilizer)),
                 (nn.Linear, Epsilon(epsilon)),
             ],
-            first_map=[*first_map, (LINEAR_LAYERS, Flat(stabilizer))],
+            # a recurrent layer first in the model takes the "first layer" slot, so that a classifier head after it
+            # keeps epsilon instead of getting the flat rule
+            first_map=[*first_map, (LINEAR_LAYERS, Flat(stabilizer)), (RECURRENT_TYPES, SignalTakeAll(epsilon))],
             name_map=name_map,
             canonizers=canonizers,
         )
@@ -178,7 +202,7 @@ class EpsilonGammaBox(Composite):
         super().__init__(
             layer_map=[
                 *layer_map,
-                *_base_map(stabilizer),
+                *_base_map(stabilizer, epsilon),
                 (CONVOLUTIONS, Gamma(gamma, stabilizer)),
                 (nn.Linear, Epsilon(epsilon)),
             ],
@@ -195,7 +219,7 @@ class EpsilonAlpha2Beta1(Composite):
         super().__init__(
             layer_map=[
                 *layer_map,
-                *_base_map(stabilizer),
+                *_base_map(stabilizer, epsilon),
                 (CONVOLUTIONS, AlphaBeta(2.0, 1.0, stabilizer)),
                 (nn.Linear, Epsilon(epsilon)),
             ],

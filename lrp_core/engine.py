@@ -23,19 +23,23 @@ from torch import Tensor, nn
 
 from .canonizers import BATCH_NORM_TYPES, CanonicalForm
 from .composites import ACTIVATIONS, Composite
-from .errors import CanonizationError, UnsupportedLayerError
+from .errors import CanonizationError, LRPError, UnsupportedLayerError
 from .layers import (
     ConvLayer,
     DenseLayer,
     ElementwiseLayer,
     Layer,
     LinearOperatorLayer,
+    ModuleLayer,
+    RecurrentLayer,
     Sum,
     SumLayer,
     conv_padding,
     fuse_batch_norm,
 )
-from .rules import Pass, Rule
+from .neuralized import NEURALIZED_LAYERS
+from .recurrent import RECURRENT_TYPES, check_recurrent
+from .rules import Pass, Rule, SignalTakeAll
 
 __all__ = ["LayerRecord", "Session", "Unit", "build_units", "attach"]
 
@@ -130,14 +134,45 @@ class _Relevance(torch.autograd.Function):
         return (None, None, *results, None)
 
 
-def _record(session: Session, unit: Unit, relevance: Tensor, results: tuple[Tensor, ...]) -> None:
+class _RecurrentRelevance(torch.autograd.Function):
+    """:class:`_Relevance` for ``nn.LSTM``/``nn.GRU``: identity on ``(output, h_n[, c_n])``; in LRP mode the
+    backward turns the relevance of all of them into relevance of the sequence input."""
+
+    @staticmethod
+    def forward(ctx, session: Session, unit: Unit, initial, x: Tensor, *outputs: Tensor):
+        ctx.session = session
+        ctx.unit = unit
+        ctx.initial = initial
+        ctx.n_outputs = len(outputs)
+        ctx.save_for_backward(x)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *relevances: Tensor):
+        session: Session = ctx.session
+        if not session.lrp_active:
+            return (None, None, None, None, *relevances)
+        unit: Unit = ctx.unit
+        (x,) = ctx.saved_tensors
+        result = unit.rule.recurrent(unit.module, x, ctx.initial, relevances).to(x.dtype)
+        if session.records is not None:
+            # per-sample sums need the batch first: h_n, c_n are (layers * directions, B, H)
+            time_major = not unit.module.batch_first
+            outs = (relevances[0].transpose(0, 1) if time_major else relevances[0],)
+            outs += tuple(r.transpose(0, 1) for r in relevances[1:])
+            _record(session, unit, outs, (result.transpose(0, 1) if time_major else result,))
+        return (None, None, None, result, *(None for _ in range(ctx.n_outputs)))
+
+
+def _record(session: Session, unit: Unit, relevance, results: tuple[Tensor, ...]) -> None:
     if session.records is None:
         return
+    outs = relevance if isinstance(relevance, tuple) else (relevance,)
     session.records.append(
         LayerRecord(
             path=unit.path if unit.batch_norm_path is None else f"{unit.path}+{unit.batch_norm_path}",
             rule=type(unit.rule).__name__,
-            relevance_out=_per_sample_sum(relevance),
+            relevance_out=sum(_per_sample_sum(r) for r in outs),
             relevance_in=sum(_per_sample_sum(r) for r in results),
         )
     )
@@ -157,6 +192,22 @@ def _layer_for(path: str, module: nn.Module, rule: Rule, batch_norm: nn.Module |
     """The rule's view of ``module``; raises ValueError (collected into one error) where the pair cannot work."""
     if isinstance(rule, Pass):
         return ElementwiseLayer()
+    module_types = getattr(rule, "module_types", None)
+    if module_types:
+        if not isinstance(module, module_types):
+            names = ", ".join(t.__name__ for t in module_types)
+            raise ValueError(f"rule {type(rule).__name__} applies to {names}, not a {type(module).__name__}")
+        return ModuleLayer(module)
+    if isinstance(module, NEURALIZED_LAYERS):
+        raise ValueError(
+            f"a {type(module).__name__} needs its rule from lrp_core.rules "
+            "(Midpoint, ExpectedContrast, DistanceShare, PoolShare)"
+        )
+    if isinstance(rule, SignalTakeAll):
+        check_recurrent(module)
+        return RecurrentLayer(module)
+    if isinstance(module, RECURRENT_TYPES):
+        raise ValueError(f"a {type(module).__name__} needs the SignalTakeAll rule, not {type(rule).__name__}")
     if isinstance(module, nn.Linear):
         layer: Layer = DenseLayer(_parameters_of(module, batch_norm))
     elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -211,6 +262,24 @@ def build_units(model: nn.Module, composite: Composite, form: CanonicalForm) -> 
     return units
 
 
+def _wrap_recurrent(session: Session, unit: Unit, inputs: tuple, output):
+    x = inputs[0]
+    if not isinstance(x, Tensor):
+        raise LRPError(
+            f"'{unit.path}' received a {type(x).__name__}; LRP explains padded (B, T, features) tensors, not packed "
+            "sequences"
+        )
+    if x.dim() != 3:
+        raise LRPError(f"'{unit.path}' received an unbatched {x.dim()}-d sequence; pass a batch")
+    sequence, state = output
+    states = state if isinstance(state, tuple) else (state,)
+    initial = inputs[1] if len(inputs) > 1 else None
+    if isinstance(initial, Tensor):
+        initial = (initial,)
+    sequence, *states = _RecurrentRelevance.apply(session, unit, initial, x, sequence, *states)
+    return sequence, (tuple(states) if isinstance(state, tuple) else states[0])
+
+
 def _wrap(session: Session, unit: Unit, inputs: tuple, output: Tensor) -> Tensor:
     tensors = list(inputs) if isinstance(unit.layer, SumLayer) else list(inputs[:1])
     if not all(isinstance(t, Tensor) for t in tensors) or not isinstance(output, Tensor):
@@ -227,6 +296,13 @@ def attach(session: Session, units: list[Unit]) -> list[Callable[[], None]]:
             # an in-place activation would overwrite the input the unit saved; run it out of place meanwhile
             module.inplace = False
             undo.append(lambda m=module: setattr(m, "inplace", True))
+        if isinstance(unit.layer, RecurrentLayer):
+
+            def recurrent_hook(module, inputs, output, unit=unit):
+                return _wrap_recurrent(session, unit, inputs, output)
+
+            undo.append(module.register_forward_hook(recurrent_hook).remove)
+            continue
         if unit.batch_norm is None:
 
             def hook(module, inputs, output, unit=unit):

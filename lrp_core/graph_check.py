@@ -57,6 +57,7 @@ _ROUTING_NODES = {
     "FeatureDropoutBackward",
 }
 _UNIT_NODE = "_RelevanceBackward"
+_RECURRENT_NODE = "_RecurrentRelevanceBackward"
 
 
 def _kind(node) -> str:
@@ -82,6 +83,9 @@ def check_graph(output: Tensor, model_input: Tensor) -> None:
             # follow the layer's inputs only: the last edge is the layer's output, whose history is the layer's
             # own internals
             edges = node.next_functions[:-1]
+        elif kind == _RECURRENT_NODE:
+            consumer = node.unit.path
+            edges = node.next_functions[:1]  # the sequence input; the outputs' histories are the layer's internals
         elif kind in _ROUTING_NODES:
             edges = node.next_functions
         else:

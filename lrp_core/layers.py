@@ -21,6 +21,8 @@ __all__ = [
     "LinearOperatorLayer",
     "SumLayer",
     "ElementwiseLayer",
+    "RecurrentLayer",
+    "ModuleLayer",
     "fuse_batch_norm",
 ]
 
@@ -184,6 +186,28 @@ class ElementwiseLayer(Layer):
 
     def transpose(self, s, weight, input_shapes):
         raise TypeError("an element-wise activation has no linear map; use the Pass rule")
+
+
+class RecurrentLayer(Layer):
+    """An ``nn.LSTM``/``nn.GRU``: its rule reads the module itself (see :mod:`lrp_core.recurrent`)."""
+
+    has_parameters = True
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def transpose(self, s, weight, input_shapes):
+        raise TypeError("a recurrent layer has no single linear map; use the SignalTakeAll rule")
+
+
+class ModuleLayer(Layer):
+    """A layer whose rule reads the module's own tensors (the distance and pooling layers of neuralized models)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def transpose(self, s, weight, input_shapes):
+        raise TypeError(f"{type(self.module).__name__} has no linear map; use its own rule")
 
 
 def fuse_batch_norm(weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm._BatchNorm):

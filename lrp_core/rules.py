@@ -10,12 +10,15 @@ can switch libraries and get the same map:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
 
 from .layers import Layer
+from .neuralized import Distance, DistanceContrast, KernelContrast, Pool, squared_distances
+from .recurrent import recurrent_relevance
 
 __all__ = [
     "Rule",
@@ -28,6 +31,11 @@ __all__ = [
     "ZBox",
     "Pass",
     "Norm",
+    "SignalTakeAll",
+    "Midpoint",
+    "ExpectedContrast",
+    "DistanceShare",
+    "PoolShare",
     "stabilize",
 ]
 
@@ -294,3 +302,158 @@ class ZBox(Rule):
         r = x * layer.transpose(s, weight, shape)[0]
         r = r - low * layer.transpose(s, wp, shape)[0] - high * layer.transpose(s, wn, shape)[0]
         return (r,)
+
+
+class SignalTakeAll(Rule):
+    """LSTM and GRU layers (Arras et al. 2017): epsilon for the linear parts, signal-take-all for the gates.
+
+    Products of a gate and a signal give all relevance to the signal; sums (the cell update, the GRU interpolation,
+    the pre-activations) split it in proportion to their terms, stabilised by ``epsilon`` as in :class:`Epsilon`.
+    Biases and the initial state absorb their share. See :mod:`lrp_core.recurrent`.
+    """
+
+    needs_parameters = True
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def relevance(self, layer, inputs, output, relevance):
+        raise TypeError("SignalTakeAll applies to nn.LSTM and nn.GRU only (the engine calls recurrent())")
+
+    def recurrent(self, module, x: Tensor, initial, relevances: tuple[Tensor, ...]) -> Tensor:
+        """Relevance of the sequence input ``x`` given relevance of the outputs ``(output, h_n[, c_n])``."""
+        return recurrent_relevance(module, x, initial, relevances[0], relevances[1:], self.epsilon)
+
+
+def _weighted_squared_distances(x: Tensor, centers: Tensor, weights: Tensor) -> Tensor:
+    """``sum_k weights[b, k] * (x[b] - centers[k])**2`` per feature, ``(B, D)``, without a (B, K, D) tensor."""
+    return x * x * weights.sum(1, keepdim=True) - 2 * x * (weights @ centers) + weights @ (centers * centers)
+
+
+#: default ``tolerance`` of the neuralized rules per dtype: about the rounding error of a squared distance
+#: computed by expansion, relative to the squared scale of the problem
+_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _tolerance(x: Tensor, centers: tuple[Tensor, ...], relative: float | None) -> Tensor:
+    """Per sample ``(B, 1)``: below this a squared distance (or a unit's value) counts as zero. Distances come from
+    expanded products whose rounding error grows with ``||x||^2 + max ||c||^2``."""
+    relative = _TOLERANCE.get(x.dtype, 1e-2) if relative is None else relative
+    scale = (x * x).sum(1, keepdim=True) + max(float((c * c).sum(1).max()) for c in centers if len(c))
+    return relative * scale + torch.finfo(x.dtype).tiny
+
+
+def _distance_shares(x: Tensor, centers: Tensor, relevance: Tensor, distances: Tensor, tolerance: Tensor) -> Tensor:
+    """Relevance of units ``||x - c_k||^2 (+ const)`` to the features in proportion to ``(x_d - c_kd)^2``; where
+    ``x`` sits on the centre (distance below ``tolerance``) the unit's relevance is split evenly. Conserved."""
+    flat = distances <= tolerance
+    weights = torch.where(flat, 0.0, relevance / torch.where(flat, 1.0, distances))
+    even = torch.where(flat, relevance, 0.0).sum(1, keepdim=True) / x.shape[1]
+    return _weighted_squared_distances(x, centers, weights) + even
+
+
+class _NeuralizedRule(Rule):
+    """A rule for one layer type of :mod:`lrp_core.neuralized`; reads the module through ``layer.module``.
+
+    ``tolerance``: values below it, relative to ``||x||^2 + max ||c||^2``, count as zero and their relevance is
+    split evenly over the features instead of divided by them (default: 1e-9 in float64, 1e-4 in float32).
+    """
+
+    module_types: tuple[type, ...] = ()
+
+    def __init__(self, tolerance: float | None = None):
+        self.tolerance = None if tolerance is None else float(tolerance)
+
+
+class Midpoint(_NeuralizedRule):
+    """NEON's midpoint rule for :class:`~lrp_core.neuralized.DistanceContrast` units.
+
+    A unit ``h = ||x - v||^2 - ||x - u||^2`` is linear with weight ``w = 2 (u - v)`` and zero at the midpoint
+    ``m = (u + v) / 2``; its relevance goes to feature ``d`` by ``w_d (x_d - m_d) / h``, shares that sum to one.
+    Computed by matrix products, never a (batch, units, features) tensor. A unit at (numerically) zero splits its
+    relevance evenly.
+    """
+
+    module_types = (DistanceContrast,)
+
+    def relevance(self, layer, inputs, output, relevance):
+        m = layer.module
+        (x,) = inputs
+        tol = _tolerance(x, (m.own, m.rival), self.tolerance)[:, :, None]
+        h, r = output, relevance
+        if m.pair_mask is not None:
+            h = h.masked_fill(~m.pair_mask, 1.0)
+            r = r.masked_fill(~m.pair_mask, 0.0)
+        flat = h.abs() <= tol
+        a = torch.where(flat, 0.0, r / torch.where(flat, 1.0, h))
+        # w_d (x_d - m_d) = (x_d - v_d)^2 - (x_d - u_d)^2, summed over the pairs with weights a
+        out = _weighted_squared_distances(x, m.rival, a.sum(1)) - _weighted_squared_distances(x, m.own, a.sum(2))
+        return (out + torch.where(flat, r, 0.0).sum((1, 2))[:, None] / x.shape[1],)
+
+
+class ExpectedContrast(_NeuralizedRule):
+    """The rule of :class:`~lrp_core.neuralized.KernelContrast` (the neuralized SVC), end to end.
+
+    Through the two soft pools relevance flows in proportion to the pooled values (their log-weights and entropy
+    act as biases), and through each pair unit by the midpoint rule. Together this gives feature ``d``
+    ``E_neg[(x_d - v_d)^2] - E_pos[(x_d - u_d)^2]``, the contrast of the squared distances expected under the two
+    kernel posteriors, and their sum is ``E[h]``. The pools' bias share ``g - E[h]`` is then spread over the
+    features in proportion to ``|contrast_d|``, so the map sums to ``g`` exactly and keeps the contrast's signs
+    wherever the support-vector weights do not dominate.
+    """
+
+    module_types = (KernelContrast,)
+
+    def relevance(self, layer, inputs, output, relevance):
+        m = layer.module
+        (x,) = inputs
+        pos, neg = m.units(x)
+        p_pos = torch.softmax(-m.gamma * pos, dim=1)[:, : m.positive.shape[0]]
+        p_neg = torch.softmax(-m.gamma * neg, dim=1)[:, : m.negative.shape[0]]
+        # the pseudo entries (an intercept) have no distance term: they contribute nothing to the expectations
+        contrast = _weighted_squared_distances(x, m.negative, p_neg) - _weighted_squared_distances(x, m.positive, p_pos)
+        magnitude = contrast.abs()
+        total = magnitude.sum(1, keepdim=True)
+        tol = _tolerance(x, (m.positive, m.negative), self.tolerance)
+        spread = torch.where(total > tol, magnitude / torch.where(total > tol, total, 1.0), 1.0 / x.shape[1])
+        decomposed = contrast + (output - contrast.sum(1, keepdim=True)) * spread  # sums to g = output
+        scale = relevance / torch.where(output >= 0, output + torch.finfo(x.dtype).tiny, output)
+        return (decomposed * scale,)
+
+
+class DistanceShare(_NeuralizedRule):
+    """OC-DTD's rule for :class:`~lrp_core.neuralized.Distance` units: the relevance of ``||x - u||^2 + c`` goes
+    to the features in proportion to ``(x_d - u_d)^2``, the feature's share of the distance (conserved)."""
+
+    module_types = (Distance,)
+
+    def relevance(self, layer, inputs, output, relevance):
+        m = layer.module
+        (x,) = inputs
+        tol = _tolerance(x, (m.centers,), self.tolerance)
+        return (_distance_shares(x, m.centers, relevance, squared_distances(x, m.centers), tol),)
+
+
+class PoolShare(_NeuralizedRule):
+    """Relevance of a min/max :class:`~lrp_core.neuralized.Pool` shared among the pooled units by a soft-min/max
+    with stiffness ``beta`` (default: the module's ``explain_temperature``, else its own temperature; ``inf``:
+    winner takes all). Conserved."""
+
+    module_types = (Pool,)
+
+    def __init__(self, beta: float | None = None):
+        self.beta = None if beta is None else float(beta)
+
+    def relevance(self, layer, inputs, output, relevance):
+        m = layer.module
+        (z,) = inputs
+        beta = self.beta if self.beta is not None else m.explain_temperature
+        beta = m.temperature if beta is None else beta
+        sign = -1.0 if m.mode == "min" else 1.0
+        if math.isinf(beta):
+            index = z.argmin(m.dim, keepdim=True) if sign < 0 else z.argmax(m.dim, keepdim=True)
+            weights = torch.zeros_like(z).scatter_(m.dim, index, 1.0)
+        else:
+            weights = torch.softmax(sign * beta * z, dim=m.dim)
+        upper = relevance if m.keepdim else relevance.unsqueeze(m.dim)
+        return (weights * upper,)

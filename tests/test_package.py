@@ -1,4 +1,4 @@
-"""The project as a user meets it: import boundaries, the demo."""
+"""The project as a user meets it: import boundaries, the demos, the README's examples."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,8 +25,42 @@ def test_audits_does_not_import_torch():
 
 
 def test_lrp_core_imports_nothing_of_the_project_but_itself():
-    modules = _imported_modules("import lrp_core, lrp_core.demo")
-    assert not {"audits", "pipeline", "torchvision", "zennit"} & modules
+    modules = _imported_modules("import lrp_core, lrp_core.demo, lrp_core.sequence_demo, lrp_core.neuralized")
+    assert not {"audits", "pipeline", "torchvision", "zennit", "sklearn"} & modules
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_readme_examples_beyond_cnns_run(capsys):
+    """The section's python examples run as written, and print what the README says they print."""
+    section = _readme_section("LRP beyond CNNs")
+    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split("\n")
+    assert printed[0] == "1.0"
+    for line, documented in zip(printed[1:4], ([0.14, 0.09, 24.2, 0.17, 0.20], [0.33, 0.21, 6.73, 0.33, 0.36],
+                                               [4.07, 2.53, 17.6, 3.06, 2.62])):  # fmt: skip
+        values = [float(v) for v in line[line.index("[") + 1 : line.index("]")].split(",")]
+        assert values == pytest.approx(documented, rel=0.02, abs=0.01), line
+
+
+def test_sequence_demo_finds_the_markers():
+    result = subprocess.run(
+        [sys.executable, "-m", "lrp_core.sequence_demo", "--test", "200", "--show", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "test accuracy 1.000" in result.stdout
+    assert "most relevant token is the marker in 100.0% of 200 sequences" in result.stdout
+    assert result.stdout.count("marker at") == 2
 
 
 def test_no_module_of_lrp_core_or_audits_mentions_pipeline():
