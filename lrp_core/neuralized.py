@@ -179,8 +179,7 @@ class Pool(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         sign = -1.0 if self.mode == "min" else 1.0
         if math.isinf(self.temperature):
-            pooled = z.amin(self.dim, keepdim=self.keepdim) if sign < 0 else z.amax(self.dim, keepdim=self.keepdim)
-            return pooled
+            return z.amin(self.dim, keepdim=self.keepdim) if sign < 0 else z.amax(self.dim, keepdim=self.keepdim)
         t = self.temperature
         return sign * torch.logsumexp(sign * t * z, dim=self.dim, keepdim=self.keepdim) / t
 

@@ -339,7 +339,9 @@ def _tolerance(x: Tensor, centers: tuple[Tensor, ...], relative: float | None) -
     """Per sample ``(B, 1)``: below this a squared distance (or a unit's value) counts as zero. Distances come from
     expanded products whose rounding error grows with ``||x||^2 + max ||c||^2``."""
     relative = _TOLERANCE.get(x.dtype, 1e-2) if relative is None else relative
-    scale = (x * x).sum(1, keepdim=True) + max(float((c * c).sum(1).max()) for c in centers if len(c))
+    # the largest centre norm stays a tensor: no device-to-host sync per layer call
+    largest = torch.stack([(c * c).sum(1).max() for c in centers if len(c)]).max()
+    scale = (x * x).sum(1, keepdim=True) + largest
     return relative * scale + torch.finfo(x.dtype).tiny
 
 
