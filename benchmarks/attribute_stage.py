@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 "per_class_train": args.per_class,
                 "per_class_val": 1,
                 "per_class_test": 1,
-                "stamp_size": max(8, args.size // 6),
+                "artifact_size": max(8, args.size // 6),
             },
             "attribute": {
                 "batch_size": args.batch,

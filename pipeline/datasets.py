@@ -7,9 +7,12 @@ Sample ids are image paths relative to the data root, so they mean the same thin
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .io import write_json, write_with
-from .synthetic import CLASSES, SPLITS, BenchmarkConfig, render_split
+from .synthetic import CLASSES, BenchmarkConfig, attacked_split, render_split
 
 __all__ = [
     "MANIFEST_COLUMNS",
@@ -27,12 +30,16 @@ __all__ = [
     "Dataset",
     "write_builtin",
     "index_imagefolder",
+    "is_builtin_tree",
+    "link_builtin",
     "load_dataset",
     "load_images",
     "load_masks",
 ]
 
-MANIFEST_COLUMNS = ["sample_id", "path", "split", "label", "class_name", "artifact", "artifact_mask", "object_mask"]
+MANIFEST_COLUMNS = [
+    "sample_id", "path", "split", "label", "class_name", "artifact", "artifact_kind", "artifact_mask", "object_mask"
+]  # fmt: skip
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -48,7 +55,8 @@ class Dataset:
     classes: list[str]
     source: str  # "builtin" or "imagefolder"
     manifest: pd.DataFrame
-    poisoned_class: str | None = None
+    poisoned_class: str | None = None  # the first planted artifact's class (built-in data)
+    artifacts: list[dict] = field(default_factory=list)  # built-in data: class, kind, fraction, attacked_split
 
     def split(self, name: str) -> pd.DataFrame:
         rows = self.manifest[self.manifest["split"] == name]
@@ -69,19 +77,26 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 def write_builtin(out: Path, config: BenchmarkConfig, progress: bool = True) -> Dataset:
     """Generate the built-in benchmark under ``out`` (ImageFolder tree per split, masks, manifest)."""
     rows = []
-    for split in tqdm(SPLITS, desc="generating built-in data", disable=not progress):
+    for split in tqdm(config.splits, desc="generating built-in data", disable=not progress):
         for index, sample in enumerate(render_split(split, config)):
             name = CLASSES[sample.label]
             sample_id = f"{split}/{name}/{index:05d}.png"
             stamp_path = f"masks/{split}/{name}/{index:05d}_stamp.png"
             object_path = f"masks/{split}/{name}/{index:05d}_object.png"
             _save_png(out / sample_id, sample.image)
-            _save_png(out / stamp_path, sample.stamp_mask.astype(np.uint8) * 255)
+            _save_png(out / stamp_path, sample.artifact_mask.astype(np.uint8) * 255)
             _save_png(out / object_path, sample.object_mask.astype(np.uint8) * 255)
-            rows.append((sample_id, sample_id, split, sample.label, name, sample.stamped, stamp_path, object_path))
+            rows.append((sample_id, sample_id, split, sample.label, name, sample.stamped, sample.artifact, stamp_path,
+                         object_path))  # fmt: skip
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    dataset = Dataset(out, list(CLASSES), "builtin", manifest, config.poisoned_class)
-    _write_description(out, dataset, {"benchmark": vars(config) | {"per_class": dict(config.per_class)}})
+    artifacts = [
+        {"class": a.class_name, "kind": a.kind, "fraction": a.fraction, "attacked_split": attacked_split(config, i)}
+        for i, a in enumerate(config.artifacts)
+    ]
+    poisoned = artifacts[0]["class"] if artifacts else None
+    dataset = Dataset(out, list(CLASSES), "builtin", manifest, poisoned, artifacts)
+    benchmark = vars(config) | {"per_class": dict(config.per_class), "artifacts": artifacts}
+    _write_description(out, dataset, {"benchmark": benchmark})
     return dataset
 
 
@@ -89,12 +104,15 @@ def _image_files(folder: Path) -> Iterable[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _check_image(path: Path) -> None:
+def _check_image(path: Path) -> bytes:
+    """The file's bytes once it decodes as an image (read once: decoded and fingerprinted from memory)."""
     try:
-        with Image.open(path) as image:
+        content = path.read_bytes()
+        with Image.open(io.BytesIO(content)) as image:
             image.load()
     except (OSError, UnidentifiedImageError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
+    return content
 
 
 def index_imagefolder(
@@ -103,7 +121,8 @@ def index_imagefolder(
     """Index a user's ``root/{train,test}/<class>/*`` tree (``val/`` optional: else carved from train)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data.root {root} is not a directory")
+        hint = " (the built-in data is written there by `spray-audit builtin`, dvc's first stage)"
+        raise DataError(f"data.root {root} is not a directory{hint if root.name == 'builtin' else ''}")
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
         raise DataError(f"data.root {root} needs train/ and test/ folders of class folders; missing {missing}")
@@ -122,10 +141,11 @@ def index_imagefolder(
         extra = sorted(p.name for p in (root / split).iterdir() if p.is_dir() and p.name not in classes)
         if extra:
             raise DataError(f"{root / split} has class folders not in train/: {extra}")
+    fingerprint = hashlib.sha256()
     for split, label, path in tqdm(files, desc="checking images", disable=not progress):
-        _check_image(path)
         rel = path.relative_to(root).as_posix()
-        rows.append((rel, rel, split, label, classes[label], False, None, None))
+        fingerprint.update(rel.encode() + b"\0" + hashlib.sha256(_check_image(path)).digest())
+        rows.append((rel, rel, split, label, classes[label], False, None, None, None))
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     empty = [
         f"{s}/{c}"
@@ -138,8 +158,24 @@ def index_imagefolder(
     if "val" not in splits:
         manifest = _carve_validation(manifest, val_fraction, seed)
     dataset = Dataset(root.resolve(), classes, "imagefolder", manifest)
-    _write_description(out, dataset, {"val_fraction": val_fraction, "seed": seed})
+    extra = {"val_fraction": val_fraction, "seed": seed, "fingerprint": fingerprint.hexdigest()}
+    _write_description(out, dataset, extra)
     return dataset
+
+
+def is_builtin_tree(root: Path) -> bool:
+    """Whether ``root`` holds a generated built-in benchmark (its own manifest says so)."""
+    description = Path(root) / "dataset.json"
+    return description.is_file() and json.loads(description.read_text()).get("source") == "builtin"
+
+
+def link_builtin(root: Path, out: Path) -> Dataset:
+    """Prepare a generated built-in benchmark: its manifest, with the root recorded relative to ``out``."""
+    dataset = load_dataset(root)
+    extra = {k: v for k, v in json.loads((Path(root) / "dataset.json").read_text()).items() if k == "benchmark"}
+    relative = os.path.relpath(Path(root).resolve(), Path(out).resolve())
+    _write_description(out, dataset, extra, root_text=Path(relative).as_posix())
+    return load_dataset(out)
 
 
 def _carve_validation(manifest: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -153,16 +189,20 @@ def _carve_validation(manifest: pd.DataFrame, fraction: float, seed: int) -> pd.
     return manifest
 
 
-def _write_description(out: Path, dataset: Dataset, extra: dict) -> None:
+def _write_description(out: Path, dataset: Dataset, extra: dict, root_text: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_with(out / "manifest.parquet", lambda tmp: dataset.manifest.to_parquet(tmp, index=False))
-    # the built-in images live beside the manifest: record "." so the folder means the same on every checkout
-    root = "." if dataset.source == "builtin" else str(Path(dataset.root).resolve())
+    # built-in images live beside (or near) the manifest: a relative root means the same on every checkout
+    if root_text is not None:
+        root = root_text
+    else:
+        root = "." if dataset.source == "builtin" else str(Path(dataset.root).resolve())
     description = {
         "root": root,
         "classes": dataset.classes,
         "source": dataset.source,
         "poisoned_class": dataset.poisoned_class,
+        "artifacts": dataset.artifacts,
         "counts": {s: int((dataset.manifest.split == s).sum()) for s in dataset.splits},
     } | extra
     write_json(out / "dataset.json", description)
@@ -183,6 +223,7 @@ def load_dataset(prepared: Path) -> Dataset:
         description["source"],
         manifest,
         description.get("poisoned_class"),
+        description.get("artifacts", []),
     )
 
 

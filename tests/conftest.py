@@ -73,7 +73,8 @@ def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
     from pipeline.spray_stage import run_spray
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["builtin"]["stamp_fraction"] = stamp_fraction
+    params["data"]["root"] = None  # generate the built-in data into tmp
+    params["builtin"]["artifacts"] = [{"class": "triangle", "kind": "stamp", "fraction": stamp_fraction}]
     params["spray"]["embeddings"] = ["tsne"]
     stages.prepare(params, tmp / "prepared", progress=False)
     train = stages.train(params, tmp / "prepared", tmp / "model.pt", tmp / "train.json", tmp / "c.csv", progress=False)

@@ -22,7 +22,7 @@ from pipeline.relevance_store import RelevanceStore, file_sha256, sum_pool_matri
 
 PARAMS = {
     "data": {"image_size": 48},
-    "builtin": {"per_class_train": 7, "per_class_val": 2, "per_class_test": 2, "stamp_size": 8},
+    "builtin": {"per_class_train": 7, "per_class_val": 2, "per_class_test": 2, "artifact_size": 8},
     "attribute": {"batch_size": 4, "block_batches": 2, "pooled_size": 20, "threads": 1},
 }
 
