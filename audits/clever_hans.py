@@ -1,18 +1,14 @@
-"""Per-cluster statistics and the Clever-Hans score that ranks clusters of all classes (no ground truth needed).
+"""Clever-Hans ranking of a whole audit: per-cluster statistics, strategies with evidence, one ranking of all classes.
 
-The score rewards what a watermark, a source tag or a frame does to a class's explanations: a group of samples
-whose relevance is *moved*, compared with the rest of the class, onto a *few pixels at a fixed place*.
+The evidence is data-adaptive and states a false-alarm rate (``audits.strategies``): a strategy is flagged when
+it is isolated from the rest of its class far beyond what cuts through one strategy of this audit's classes are
+(p < ``false_alarm_rate`` / number of clusters) *and* the model is more sure of its members than of the rest of
+the class (a shortcut adds evidence). No constant is tuned to a particular artifact: the null of the isolation
+test is learnt from the audited model's own maps, so an audit of a model without shortcuts flags anything with
+probability at most ``false_alarm_rate`` (under the null's normal model).
 
-    ch_score = distance_from_rest * moved_concentration
-
-- ``distance_from_rest``: total-variation distance between the cluster's mean map and the mean map of the rest
-  of its class (maps are L1-normalised, so this is the share of relevance that sits elsewhere), in [0, 1];
-- ``moved_concentration``: the share of the positive part of ``mean - rest_mean`` that falls into its top 5% of
-  pixels, in (0, 1]. Clusters that merely differ by where the object is (strategies of a clean model) move
-  relevance to broad regions and score low; a stamp moves it to the same few pixels in every member.
-
-On the built-in benchmark the stamped cluster scores 0.40 and no other cluster exceeds 0.15, and a model trained
-without the stamp has no cluster above ``FLAG_THRESHOLD`` (see the tests).
+Descriptive per-cluster numbers stay for people (how much relevance moved compared with the rest of the class,
+and how concentrated what moved is); they no longer decide the flag.
 """
 
 from __future__ import annotations
@@ -20,10 +16,15 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["FLAG_THRESHOLD", "cluster_statistics", "rank_clusters"]
+from .strategies import FALSE_ALARM_RATE, ClassGraph, NullModel, find_strategies
 
-FLAG_THRESHOLD = 0.25
+__all__ = ["FALSE_ALARM_RATE", "cluster_statistics", "audit_strategies", "rank_clusters", "STRATEGY_COLUMNS"]
+
 TOP_SHARE = 0.05
+STRATEGY_COLUMNS = [
+    "class_index", "class_name", "strategy", "clusters", "size", "conductance", "null_conductance", "p_value",
+    "relevance_gain", "direction_p", "flagged", "ch_score", "strategy_rank",
+]  # fmt: skip
 
 
 def _top_share(values: np.ndarray, share: float = TOP_SHARE) -> float:
@@ -48,10 +49,10 @@ def cluster_statistics(
     correct: np.ndarray | None = None,
     n_exemplars: int = 6,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """One row per cluster, and the cluster mean maps ``(k, H, W)``.
+    """One row per cluster (descriptive), and the cluster mean maps ``(k, H, W)``.
 
-    ``features`` are the L1-normalised maps SpRAy clustered (rows sum to one for the "abs" normalisation);
-    exemplar and medoid positions index into them.
+    ``features`` are the normalised maps (``SpRAy.maps_`` flattened; rows sum to one for "abs"); exemplar and
+    medoid positions index into them.
     """
     rows, means = [], []
     n = len(labels)
@@ -62,21 +63,16 @@ def cluster_statistics(
         rest = np.flatnonzero(labels != cluster)
         mean = features[members].mean(0)
         rest_mean = features[rest].mean(0) if len(rest) else np.zeros_like(mean)
-        distance = 0.5 * float(np.abs(mean - rest_mean).sum())
-        moved = np.clip(mean - rest_mean, 0, None)
         to_mean = np.abs(features[members] - mean).sum(1)
         medoid = members[_medoid(features[members]) if len(members) <= 500 else int(np.argmin(to_mean))]
-        concentration = _top_share(np.abs(mean))
-        moved_concentration = _top_share(moved)
         rows.append(
             {
                 "cluster": cluster,
                 "size": len(members),
                 "share": len(members) / n,
-                "spatial_concentration": concentration,
-                "distance_from_rest": distance,
-                "moved_concentration": moved_concentration,
-                "ch_score": distance * moved_concentration,
+                "spatial_concentration": _top_share(np.abs(mean)),
+                "distance_from_rest": 0.5 * float(np.abs(mean - rest_mean).sum()),
+                "moved_concentration": _top_share(np.clip(mean - rest_mean, 0, None)),
                 "misclassified_share": float(1 - correct[members].mean()) if correct is not None else np.nan,
                 "medoid": int(medoid),
                 "exemplars": members[np.argsort(to_mean)[:n_exemplars]].tolist(),
@@ -86,10 +82,51 @@ def cluster_statistics(
     return pd.DataFrame(rows), np.stack(means)
 
 
-def rank_clusters(per_class: pd.DataFrame, threshold: float = FLAG_THRESHOLD) -> pd.DataFrame:
-    """All clusters of all classes, highest Clever-Hans score first, with ``ch_rank`` (1 = first) and ``flagged``."""
-    ranked = per_class.sort_values(["ch_score", "class_name", "cluster"], ascending=[False, True, True])
-    ranked = ranked.reset_index(drop=True)
-    ranked["ch_rank"] = np.arange(1, len(ranked) + 1)
-    ranked["flagged"] = ranked.ch_score > threshold
-    return ranked
+def audit_strategies(
+    graphs: dict[int, tuple[str, ClassGraph]],
+    null_samples: list[float],
+    false_alarm_rate: float = FALSE_ALARM_RATE,
+) -> tuple[pd.DataFrame, NullModel, float]:
+    """Strategies of every class (``graphs``: class index -> (name, graph)) against one null pooled over the audit.
+
+    Returns the strategies table (``STRATEGY_COLUMNS``; ``clusters`` as lists), the null and the p-value threshold
+    (``false_alarm_rate`` / number of clusters in the audit).
+    """
+    if not 0 < false_alarm_rate < 1:
+        raise ValueError(f"false_alarm_rate must be in (0, 1); got {false_alarm_rate}")
+    null = NullModel.fit(null_samples)
+    n_tests = sum(len(np.unique(g.labels)) for _, g in graphs.values())
+    threshold = false_alarm_rate / max(n_tests, 1)
+    rows = []
+    for class_index, (name, graph) in graphs.items():
+        typical = null.expected(graph.counts.sum())
+        for j, s in enumerate(find_strategies(graph, null, threshold, false_alarm_rate)):
+            rows.append({
+                "class_index": class_index, "class_name": name, "strategy": j, "clusters": s.clusters, "size": s.size,
+                "conductance": s.conductance, "null_conductance": typical, "p_value": s.p_value,
+                "relevance_gain": s.relevance_gain, "direction_p": s.direction_p, "flagged": s.flagged,
+                "ch_score": s.score,
+            })  # fmt: skip
+    table = pd.DataFrame(rows, columns=STRATEGY_COLUMNS[:-1])
+    isolation = table.conductance.fillna(np.inf).to_numpy()  # lower: more apart from the rest of the class
+    order = np.lexsort((table.strategy.to_numpy(), table.class_name.to_numpy(), isolation, -table.ch_score.to_numpy()))
+    table = table.iloc[order].reset_index(drop=True)
+    table["strategy_rank"] = np.arange(1, len(table) + 1)
+    return table, null, threshold
+
+
+def rank_clusters(clusters: pd.DataFrame, strategies: pd.DataFrame) -> pd.DataFrame:
+    """All clusters of all classes, strongest strategy first: ``strategy``, ``ch_score``, ``flagged`` and ``ch_rank``
+    (the rank of the cluster's strategy: the clusters of one strategy share it, 1 = first) join each cluster."""
+    of = {}
+    for r in strategies.itertuples():
+        for c in r.clusters:
+            of[(r.class_index, c)] = r
+    joined = clusters.copy()
+    keys = list(zip(joined.class_index, joined.cluster))
+    joined["strategy"] = [of[k].strategy for k in keys]
+    joined["ch_score"] = [of[k].ch_score for k in keys]
+    joined["flagged"] = [bool(of[k].flagged) for k in keys]
+    joined["ch_rank"] = [int(of[k].strategy_rank) for k in keys]
+    joined["p_value"] = [of[k].p_value for k in keys]
+    return joined.sort_values(["ch_rank", "size"], ascending=[True, False], kind="stable").reset_index(drop=True)

@@ -7,139 +7,110 @@
 >>> s = SpRAy(random_state=0, embeddings=()).fit(maps)
 >>> s.n_clusters_
 2
+
+How each default holds on maps it was not tuned on (sizes 16-224 px, noise, per-map scale, strategies down to 5%,
+disconnected strategies, near-duplicate and all-zero maps) is measured by ``benchmarks/spray_planted.py``;
+``docs/spray.md`` says why each default is what it is.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg import eigh
-from scipy.sparse.linalg import eigsh
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
-from sklearn.neighbors import NearestNeighbors
 
+from .features import VIEWS, denoise, duplicate_groups, relevance_features, shape_view
+from .graph import WEIGHTINGS, knn_affinity, neighbors, spectral_embedding
 from .pooling import normalize_maps, sum_pool
+from .strategies import ClassGraph, NullModel, Strategy, find_strategies, null_log_conductances
 
-__all__ = ["SpRAy", "knn_affinity", "spectral_embedding"]
+__all__ = ["SpRAy", "choose_k"]
 
-
-def knn_affinity(features: np.ndarray, n_neighbors: int, approximate: bool, random_state: int, heat_kernel: bool):
-    """Sparse symmetric kNN graph (never N x N dense): exact neighbours, or NN-descent for large N."""
-    n = len(features)
-    if approximate:
-        from pynndescent import NNDescent
-
-        index = NNDescent(features, n_neighbors=n_neighbors + 1, random_state=random_state, n_jobs=1)
-        neighbors, distances = index.neighbor_graph
-    else:
-        from sklearn import config_context
-
-        model = NearestNeighbors(n_neighbors=n_neighbors + 1, algorithm="brute").fit(features)
-        with config_context(working_memory=128):  # MB per distance chunk: memory stays O(N k), not O(N^2)
-            distances, neighbors = model.kneighbors(features)
-    # drop each point itself (usually first; robust to duplicates by masking self-references)
-    rows = np.repeat(np.arange(n), neighbors.shape[1])
-    cols, dist = neighbors.ravel(), distances.ravel()
-    keep = rows != cols
-    rows, cols, dist = rows[keep], cols[keep], dist[keep]
-    if heat_kernel:
-        sigma = np.median(dist[dist > 0]) if (dist > 0).any() else 1.0
-        weights = np.exp(-((dist / sigma) ** 2))
-    else:
-        weights = np.ones_like(dist)
-    graph = sp.csr_matrix((weights, (rows, cols)), shape=(n, n))
-    return graph.maximum(graph.T).tocsr()
+GAP_RATIO = 4.5
 
 
-def spectral_embedding(affinity: sp.csr_matrix, n_eigenvalues: int, random_state: int):
-    """Smallest eigenvalues (ascending) and eigenvectors of the normalised Laplacian ``I - D^-1/2 A D^-1/2``.
+def _ratios(eigenvalues: np.ndarray, tiny: float = 1e-10) -> np.ndarray:
+    """``ratios[k - 1] = lambda_{k+1} / lambda_k`` (1-based): inf where a zero eigenvalue is followed by a nonzero
+    one (one more graph component ends there), 1 between two zeros."""
+    low, high = eigenvalues[:-1], eigenvalues[1:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(low > tiny, high / np.maximum(low, tiny), np.where(high > tiny, np.inf, 1.0))
+    return ratios
 
-    Computed as the *largest* eigenpairs of ``D^-1/2 A D^-1/2`` (the same vectors; Lanczos converges there fast),
-    which is the right end of the Laplacian's spectrum; dense ``eigh`` for tiny graphs.
+
+def choose_k(eigenvalues: np.ndarray, k_max: int, ratio: float = GAP_RATIO) -> tuple[int, np.ndarray]:
+    """The number of clusters: the *largest* k in [2, k_max] after which the spectrum jumps by ``ratio``.
+
+    Beyond the clusters' eigenvalues a class's spectrum is a continuum: a graph that samples a d-dimensional
+    manifold has eigenvalues growing like j^(2/d) (Weyl's law), so its largest step, from its first non-zero
+    eigenvalue to the next, is 2^(2/d): 4 for a 1-D continuum (a watermark sliding along an edge, a path graph's
+    lambda_3 / lambda_2), 2 for a 2-D one (objects anywhere in the image). A jump by more than ``ratio`` (4.5) is a
+    group of maps better connected to each other than to the rest. The last such jump, not the largest, is taken:
+    clusters that are almost (or fully) disconnected have eigenvalues orders of magnitude apart, and the largest
+    ratio would stop among them. Separate graph components (zero eigenvalues) each count. No jump: 2.
     """
-    n = affinity.shape[0]
-    degree = np.asarray(affinity.sum(1)).ravel()
-    inv_sqrt = 1.0 / np.sqrt(np.maximum(degree, 1e-12))
-    normalized = sp.diags(inv_sqrt) @ affinity @ sp.diags(inv_sqrt)
-    k = min(n_eigenvalues, n - 1)
-    if n <= max(4 * k, 64):
-        values, vectors = eigh(normalized.toarray())
-        values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
-    else:
-        v0 = np.random.default_rng(random_state).uniform(-1, 1, n)
-        values, vectors = eigsh(normalized, k=k, which="LA", v0=v0, tol=1e-10, maxiter=max(1000, 20 * n))
-        order = np.argsort(values)[::-1]
-        values, vectors = values[order], vectors[:, order]
-    return np.clip(1.0 - values, 0.0, 2.0), vectors
+    ratios = _ratios(eigenvalues)
+    top = min(k_max, len(ratios))
+    candidates = [k for k in range(2, top + 1) if ratios[k - 1] >= ratio]
+    if candidates:
+        return max(candidates), ratios
+    zeros = int((eigenvalues <= 1e-10).sum())
+    return (min(zeros, top) if zeros > top else 2), ratios
 
 
-def _row_normalize(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
-
-
-@dataclass
-class _Eigengap:
-    k: int
-    gaps: np.ndarray
-    strength: float
-
-
-def _eigengap(eigenvalues: np.ndarray, k_max: int, relative: bool = True) -> _Eigengap:
-    """k = argmax over k in [2, k_max] of the gap after k eigenvalues (0-based ``lambda_k - lambda_{k-1}``).
-
-    ``relative`` (default) divides each gap by ``lambda_k``: scale-free, and a graph with c connected components
-    (c zero eigenvalues, the strongest structure there is) gets the maximal relative gap 1 at k = c.
-    """
-    gaps = np.diff(eigenvalues)  # gaps[i] = lambda_{i+1} - lambda_i: the gap after i+1 eigenvalues
-    if relative:
-        upper = eigenvalues[1:]
-        gaps = np.where(upper > 1e-9, gaps / np.maximum(upper, 1e-12), 0.0)
-    candidates = np.arange(2, min(k_max, len(eigenvalues) - 1) + 1)
-    k = int(candidates[np.argmax(gaps[candidates - 1])])
-    others = np.delete(gaps[: candidates[-1]], k - 1)
-    strength = float(gaps[k - 1] / max(np.median(others), 1e-12)) if len(others) else float("inf")
-    return _Eigengap(k, gaps, strength)
+def _median_by(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    order = np.argsort(groups, kind="stable")
+    bounds = np.searchsorted(groups[order], np.arange(n_groups + 1))
+    return np.array([np.median(values[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 class SpRAy:
     """Spectral Relevance Analysis of one class's relevance maps.
 
-    Parameters (defaults chosen for 10^2-10^5 maps of one class):
-        pooled_size: maps are sum-pooled to this size first (None: as given). 16-32 keeps the spatial layout that
-            tells strategies apart while washing out pixel noise.
+    Parameters (defaults chosen to hold across map sizes, noise levels and cue types; see ``docs/spray.md``):
+        pooled_size: the *where* view is sum-pooled to this size (None: as given). 8 keeps where a stamp, a frame
+            or a region is while sum pooling averages pixel noise away (a 64x64 cell of noise drops to 1/8).
         normalization: "abs" (default; where relevance lies), "signed" or "max" (see ``audits.pooling``).
-        n_neighbors: kNN graph degree; None: ``clip(sqrt(N) / 2, 10, 32)``, enough to connect a strategy's maps,
-            few enough that small strategies (5-10% of a class) keep their own neighbourhoods.
+        views: "where" (the pooled map) and "shape" (its translation-invariant autocorrelation); both by default,
+            so cues at a fixed place and cues that move (a patch anywhere) are both strategies.
+        denoise: keep the PCA components above the noise's Marchenko-Pastur edge (``audits.features``).
+        n_neighbors: kNN graph degree; None: ``clip(sqrt(N) / 2, 10, 32)``.
         k_max: largest number of clusters the eigengap may choose (and the top of ``labels_by_k_``).
         n_eigenvalues: how many of the smallest Laplacian eigenvalues to compute (None: ``k_max + 8``).
-        heat_kernel: weight edges by ``exp(-(d / median d)^2)`` instead of 1.
-        relative_gap: choose k by the relative gap ``(lambda_k - lambda_{k-1}) / lambda_k`` (default) or the
-            absolute one; relative gaps do not depend on the spectrum's scale, which varies with N and the graph.
+        weighting: edge weights, "local" (local scaling, Zelnik-Manor & Perona; default), "connectivity" or
+            "heat" (``audits.graph``).
+        gap_ratio: the spectral jump that marks the end of the clusters (:func:`choose_k`).
         approximate: None: exact neighbours up to 20,000 maps, NN-descent above; or force with True/False.
         stability_seeds: extra seeds for the eigensolver's start vector and k-means; ``stability_`` reports how
             often they agree with the chosen k and the mean ARI of their labels.
         embeddings: which 2-D embeddings to compute for a look: any of "tsne", "umap" (seeded).
         random_state: seed of everything random.
 
-    Attributes (after ``fit``): ``features_``, ``eigenvalues_`` (ascending), ``eigenvectors_``, ``gaps_``,
-    ``n_clusters_``, ``gap_strength_``, ``stability_``, ``labels_``, ``labels_by_k_``, ``embedding_`` (dict),
-    ``n_neighbors_``, ``affinity_``.
+    All-zero maps carry no strategy: they are left out of the graph and form one cluster of their own, numbered
+    after the others (in ``labels_`` and every ``labels_by_k_``, and counted in ``n_clusters_``).
+
+    Attributes (after ``fit``): ``maps_`` (the normalised *where* maps, for mean maps), ``features_`` (what the
+    graph is built on, non-zero maps only), ``n_components_`` (denoised dimensions), ``eigenvalues_`` (ascending),
+    ``gaps_`` (ratios ``lambda_{k+1} / lambda_k``), ``n_clusters_``, ``gap_strength_`` (the ratio at the chosen k),
+    ``stability_``, ``labels_``, ``labels_by_k_``, ``embedding_`` (dict), ``n_neighbors_``, ``affinity_`` (on
+    distinct maps), ``inverse_`` (each non-zero map's node in it), ``relevance_sum_`` (each map's sum: the
+    explained logit, by conservation), ``graph_`` and ``null_log_conductances_`` (for :meth:`strategies`).
     """
 
     def __init__(
         self,
-        pooled_size: int | None = None,
+        pooled_size: int | None = 8,
         normalization: str = "abs",
+        views: tuple[str, ...] = VIEWS,
+        denoise: bool = True,
         n_neighbors: int | None = None,
         k_max: int = 8,
         n_eigenvalues: int | None = None,
-        heat_kernel: bool = False,
-        relative_gap: bool = True,
+        weighting: str = "local",
+        gap_ratio: float = GAP_RATIO,
         approximate: bool | None = None,
         stability_seeds: int = 3,
         embeddings: tuple[str, ...] = ("tsne", "umap"),
@@ -147,17 +118,19 @@ class SpRAy:
     ):
         self.pooled_size = pooled_size
         self.normalization = normalization
+        self.views = views
+        self.denoise = denoise
         self.n_neighbors = n_neighbors
         self.k_max = k_max
         self.n_eigenvalues = n_eigenvalues
-        self.heat_kernel = heat_kernel
-        self.relative_gap = relative_gap
+        self.weighting = weighting
+        self.gap_ratio = gap_ratio
         self.approximate = approximate
         self.stability_seeds = stability_seeds
         self.embeddings = embeddings
         self.random_state = random_state
 
-    def fit(self, maps) -> SpRAy:
+    def _check(self, maps) -> np.ndarray:
         maps = np.asarray(maps)
         if maps.ndim == 4:
             maps = maps.sum(1)  # channel sum
@@ -166,67 +139,149 @@ class SpRAy:
         bad = np.flatnonzero(~np.isfinite(maps.reshape(len(maps), -1)).all(1))
         if len(bad):
             raise ValueError(f"maps contain NaN or inf at indices {bad[:10].tolist()}")
-        n = len(maps)
-        if n < 3:
-            raise ValueError(f"SpRAy needs at least 3 maps to find 2 clusters; got {n}")
+        if len(maps) < 3:
+            raise ValueError(f"SpRAy needs at least 3 maps to find 2 clusters; got {len(maps)}")
         unknown = set(self.embeddings) - {"tsne", "umap"}
         if unknown:
             raise ValueError(f"unknown embeddings {sorted(unknown)}; choose from ('tsne', 'umap')")
-        # float32 features (half the memory of float64 at 10^5 maps); the graph and spectrum are float64
-        pooled = sum_pool(maps.astype(np.float32, copy=False), self.pooled_size)
-        self.features_ = normalize_maps(pooled, self.normalization)
-        k_max = min(self.k_max, n - 1)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {self.weighting!r}")
+        if not self.gap_ratio > 1:
+            raise ValueError(f"gap_ratio must be above 1; got {self.gap_ratio}")
+        # float32 maps (half the memory of float64 at 10^5 maps); the graph and spectrum are float64
+        return maps.astype(np.float32, copy=False)
+
+    def fit(self, maps) -> SpRAy:
+        maps = self._check(maps)
+        n = len(maps)
+        self.relevance_sum_ = maps.reshape(n, -1).sum(1, dtype=np.float64)
+        zero = np.abs(maps).reshape(n, -1).max(1) == 0
+        live = np.flatnonzero(~zero)
+        if len(live) < 3:
+            raise ValueError(f"SpRAy needs at least 3 maps that are not all zero; got {len(live)} of {n}")
+        if zero.any():
+            warnings.warn(f"{int(zero.sum())} maps are all zero: they form a cluster of their own", stacklevel=2)
+        where = normalize_maps(sum_pool(maps[live], self.pooled_size), self.normalization)
+        side = sum_pool(maps[:1], self.pooled_size).shape[1:]
+        self.maps_ = np.zeros((n, *side), dtype=np.float32)
+        self.maps_[live] = where.reshape(len(live), *side)
+        shape = shape_view(maps[live])
+        features = relevance_features(maps[live], self.pooled_size, self.normalization, tuple(self.views), shape)
+        self.features_, self.n_components_ = denoise(features) if self.denoise else (features, features.shape[1])
+
+        m = len(live)
+        k_max = min(self.k_max, m - 1)
         n_eig = self.n_eigenvalues or self.k_max + 8
-        if n_eig > n - 1 or k_max < self.k_max:
-            warnings.warn(f"only {n} maps: eigenvalues clamped to {min(n_eig, n - 1)}, k_max to {k_max}", stacklevel=2)
-        n_eig = max(min(n_eig, n - 1), 2)
-        k_max = max(2, min(k_max, n_eig - 1)) if n_eig > 2 else 2
-        neighbors = self.n_neighbors or int(np.clip(round(np.sqrt(n) / 2), 10, 32))
-        self.n_neighbors_ = min(neighbors, n - 1)
-        approximate = n > 20_000 if self.approximate is None else self.approximate
-        self.affinity_ = knn_affinity(
-            self.features_, self.n_neighbors_, approximate, self.random_state, self.heat_kernel
-        )
-        self.eigenvalues_, self.eigenvectors_ = spectral_embedding(self.affinity_, n_eig, self.random_state)
-        gap = (
-            _eigengap(self.eigenvalues_, k_max, self.relative_gap)
-            if n_eig > 2
-            else _Eigengap(2, np.diff(self.eigenvalues_), 0.0)
-        )
-        self.gaps_, self.n_clusters_, self.gap_strength_ = gap.gaps, gap.k, gap.strength
-        self.labels_by_k_ = {k: self._cluster(self.eigenvectors_, k, self.random_state) for k in range(2, k_max + 1)}
-        self.labels_ = self.labels_by_k_[self.n_clusters_]
-        self.stability_ = self._stability(n_eig, k_max)
-        self.embedding_ = {name: self._embed(name) for name in self.embeddings}
+        if n_eig > m - 1 or k_max < self.k_max:
+            warnings.warn(f"only {m} maps: eigenvalues clamped to {min(n_eig, m - 1)}, k_max to {k_max}", stacklevel=2)
+        neighbors_wanted = self.n_neighbors or int(np.clip(round(np.sqrt(m) / 2), 10, 32))
+        self.n_neighbors_ = min(neighbors_wanted, m - 1)
+        approximate = m > 20_000 if self.approximate is None else self.approximate
+        self._build_graph(approximate)
+        nodes = self.affinity_.shape[0]
+        n_eig = max(min(n_eig, nodes - 1), 2)
+        k_max = max(2, min(k_max, n_eig - 1, nodes - 1)) if n_eig > 2 else 2
+        self.eigenvalues_, vectors, _ = spectral_embedding(self.affinity_, n_eig, self.random_state)
+        self._vectors = vectors
+        k, self.gaps_ = choose_k(self.eigenvalues_, k_max, self.gap_ratio) if n_eig > 2 else (2, np.ones(1))
+        k = int(min(k, nodes))
+        self.gap_strength_ = float(self.gaps_[k - 1]) if len(self.gaps_) >= k else 1.0
+        node_labels = {j: self._cluster(vectors, j, self.random_state) for j in range(2, min(k_max, nodes) + 1)}
+        self._live, self._zero = live, np.flatnonzero(zero)
+        self.labels_by_k_ = {j: self._with_zeros(labels[self.inverse_], j) for j, labels in node_labels.items()}
+        self.n_clusters_ = k + int(zero.any())  # all-zero maps: one more cluster, numbered last
+        self.labels_ = self.labels_by_k_[k]
+        self.stability_ = self._stability(n_eig, k_max, k)
+        relevance = self.relevance_sum_[live]
+        relevance = relevance if nodes == m else _median_by(relevance, self.inverse_, nodes)
+        if nodes < m:  # a node's shape: the mean of its maps'
+            summed = np.zeros((nodes, shape.shape[1]))
+            np.add.at(summed, self.inverse_, shape)
+            shape = summed / self._counts[:, None]
+        extra = {k: int(zero.sum())} if zero.any() else {}
+        self.graph_ = ClassGraph(self.affinity_, node_labels[k], self._counts, relevance, extra, shape)
+        self.null_log_conductances_ = null_log_conductances(self.graph_)
+        self.embedding_ = {name: self._place(self._embed(name, k)[self.inverse_]) for name in self.embeddings}
         return self
 
-    @staticmethod
-    def _cluster(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
-        points = _row_normalize(vectors[:, :k])
-        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(points)
-        # name clusters by size (0 = largest) so labels are comparable across seeds and runs
-        order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")
+    def _with_zeros(self, live_labels: np.ndarray, k: int) -> np.ndarray:
+        labels = np.full(len(self._live) + len(self._zero), k, dtype=np.int64)
+        labels[self._live] = live_labels
+        return labels
+
+    def _place(self, coords: np.ndarray) -> np.ndarray:
+        """Embedding of every map: all-zero maps share a point just off the others' lower-left corner."""
+        out = np.empty((len(self._live) + len(self._zero), 2))
+        out[self._live] = coords
+        if len(self._zero):
+            low, span = coords.min(0), np.ptp(coords, 0)
+            out[self._zero] = low - 0.1 * np.where(span > 0, span, 1.0)
+        return out
+
+    def _build_graph(self, approximate: bool) -> None:
+        """kNN graph on distinct maps: near-duplicates share one node whose self-loop carries their multiplicity."""
+        distances, indices = neighbors(self.features_, self.n_neighbors_, approximate, self.random_state)
+        groups = duplicate_groups(distances, indices)
+        n_groups = int(groups.max()) + 1
+        if n_groups == len(groups):
+            self.inverse_, self._counts = np.arange(len(groups)), np.ones(len(groups), dtype=np.int64)
+            self.affinity_ = knn_affinity(
+                self.features_, self.n_neighbors_, approximate, self.random_state, self.weighting,
+                precomputed=(distances, indices),
+            )  # fmt: skip
+            return
+        first = np.full(n_groups, len(groups))
+        np.minimum.at(first, groups, np.arange(len(groups)))
+        order = np.argsort(first)  # nodes in the order of their first map
+        rank = np.empty(n_groups, dtype=np.int64)
+        rank[order] = np.arange(n_groups)
+        self.inverse_ = rank[groups]
+        self._counts = np.bincount(self.inverse_, minlength=n_groups)
+        if n_groups < 3:
+            raise ValueError("all maps are (near-)identical: there is nothing to cluster")
+        k = min(self.n_neighbors_, n_groups - 1)
+        affinity = knn_affinity(self.features_[first[order]], k, approximate, self.random_state, self.weighting)
+        degree = np.asarray(affinity.sum(1)).ravel()
+        self.affinity_ = (affinity + sp.diags((self._counts - 1) * degree)).tocsr()
+
+    def _cluster(self, vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
+        """k-means on the row-normalised first k eigenvectors (node multiplicities as weights); labels by size."""
+        points = vectors[:, :k]
+        points = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+        labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(points, sample_weight=self._counts).labels_
+        sizes = np.bincount(labels, weights=self._counts, minlength=k)
+        order = np.argsort(-sizes, kind="stable")  # 0 = largest, so labels compare across seeds and runs
         return np.argsort(order)[labels]
 
-    def _stability(self, n_eig: int, k_max: int) -> dict:
+    def _stability(self, n_eig: int, k_max: int, k: int) -> dict:
         if not self.stability_seeds:
             return {"seeds": 0, "k_agreement": 1.0, "mean_ari": 1.0}
         ks, aris = [], []
         for offset in range(1, self.stability_seeds + 1):
             seed = self.random_state + offset
-            values, vectors = spectral_embedding(self.affinity_, n_eig, seed)
-            k = _eigengap(values, k_max, self.relative_gap).k if n_eig > 2 else 2
-            ks.append(k)
-            aris.append(adjusted_rand_score(self.labels_, self._cluster(vectors, self.n_clusters_, seed)))
+            values, vectors, _ = spectral_embedding(self.affinity_, n_eig, seed)
+            ks.append(choose_k(values, k_max, self.gap_ratio)[0] if n_eig > 2 else 2)
+            labels = self._cluster(vectors, k, seed)[self.inverse_]
+            aris.append(adjusted_rand_score(self.labels_[self._live], labels))
         return {
             "seeds": self.stability_seeds,
-            "k_agreement": float(np.mean(np.array(ks) == self.n_clusters_)),
+            "k_agreement": float(np.mean(np.array(ks) == k)),
             "mean_ari": float(np.mean(aris)),
         }
 
-    def _embed(self, name: str) -> np.ndarray:
+    def strategies(
+        self, false_alarm_rate: float = 0.05, null: NullModel | None = None, n_tests: int | None = None
+    ) -> list[Strategy]:
+        """The class's strategies and their Clever-Hans evidence (``audits.strategies``). Alone, a class uses its
+        own null and ``n_tests`` = its number of clusters; an audit pools both over its classes."""
+        null = null or NullModel.fit(self.null_log_conductances_)
+        threshold = false_alarm_rate / (n_tests or self.n_clusters_)
+        return find_strategies(self.graph_, null, threshold, false_alarm_rate)
+
+    def _embed(self, name: str, k: int) -> np.ndarray:
         # embed the spectral coordinates: few dimensions, and the geometry the clusters were found in
-        points = self.eigenvectors_[:, : max(self.n_clusters_ + 2, min(10, self.eigenvectors_.shape[1]))]
+        vectors = self._vectors
+        points = vectors[:, : max(k + 2, min(10, vectors.shape[1]))]
         n = len(points)
         if name == "tsne":
             from sklearn.manifold import TSNE

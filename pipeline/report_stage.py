@@ -41,17 +41,33 @@ REPORT_DEFAULTS = {
     "page_thumbnails": 2000,  # samples pictured in the whole page; beyond it the per-class numbers shrink
     "random_state": 0,
 }
-SPRAY_FILES = ("samples.parquet", "clusters.parquet", "classes.json")
+SPRAY_FILES = ("samples.parquet", "clusters.parquet", "classes.json", "strategies.json")
 
 
-def _read_spray(spray_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def _read_spray(spray_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
     for name in SPRAY_FILES:
         if not (spray_dir / name).is_file():
             raise FileNotFoundError(f"spray results incomplete: {spray_dir / name} is missing (run the spray stage)")
     samples = pd.read_parquet(spray_dir / "samples.parquet")
     clusters = pd.read_parquet(spray_dir / "clusters.parquet")
     classes = json.loads((spray_dir / "classes.json").read_text())
-    return samples, clusters, classes
+    strategies = json.loads((spray_dir / "strategies.json").read_text())
+    return samples, clusters, classes, strategies
+
+
+def _evidence(strategies: dict) -> tuple[dict, str]:
+    """Per (class index, strategy): the numbers the page shows; and the flag rule in words."""
+    evidence = {}
+    for s in strategies["strategies"]:
+        evidence[(s["class_index"], s["strategy"])] = {
+            "conductance": float("nan") if s["conductance"] is None else s["conductance"],
+            "null_conductance": s["null_conductance"],
+            "p_value": s["p_value"],
+            "relevance_gain": float("nan") if s["relevance_gain"] is None else s["relevance_gain"],
+        }
+    rule = (f"p < {strategies['p_threshold']:.2g}: false-alarm rate {strategies['false_alarm_rate']:g} over the "
+            f"audit's clusters, and the model more sure of the members than of the rest")  # fmt: skip
+    return evidence, rule
 
 
 def _stream_cluster_means(heatmap, samples: pd.DataFrame, side: tuple[int, int], progress: bool) -> dict:
@@ -119,7 +135,8 @@ def build_audit_view(
     """The page's data; ``evaluation`` = (metrics/evaluate.json, evaluation/curves.json) adds the quality section."""
     settings = section(params, "report", REPORT_DEFAULTS)
     spray_dir, out = Path(spray_dir), Path(out)
-    samples, clusters, class_info = _read_spray(spray_dir)
+    samples, clusters, class_info, strategies = _read_spray(spray_dir)
+    evidence, flag_rule = _evidence(strategies)
     store = RelevanceStore(store_dir)
     group = store.open()
     attrs = dict(group.attrs)
@@ -186,6 +203,8 @@ def build_audit_view(
                         for ext in ("json", "csv")
                         if stem.with_suffix(f".{ext}").is_file()
                     },
+                    strategy=int(r.strategy),
+                    evidence=evidence.get((k_index, int(r.strategy)), {}),
                 )
             )
         embedding_columns = [c for c in rows.columns if c.endswith(("_x", "_y"))]
@@ -200,6 +219,7 @@ def build_audit_view(
                     "gap strength": info.get("gap_strength"),
                     "stability over seeds": _stability_text(info.get("stability")),
                     "kNN degree": info.get("n_neighbors"),
+                    "strategies": info.get("n_strategies"),
                 },
                 points=chosen[name]["points"][["sample_id", "cluster", *embedding_columns]]
                 if embedding_columns
@@ -224,12 +244,11 @@ def build_audit_view(
         "parameters": {k: params.get(k) for k in ("data", "model", "attribute", "spray", "report") if k in params},
         "inputs": {"spray results": str(spray_dir), "relevance store": str(store_dir), "data": str(prepared)},
     }
-    flag_threshold = float(params.get("spray", {}).get("flag_threshold", clusters.ch_score.max() + 1))
     view = AuditView(
         title=f"SpRAy audit: {attrs.get('arch', 'model')} on {facts['data']}",
         facts=facts,
         classes=class_views,
-        flag_threshold=flag_threshold,
+        flag_rule=flag_rule,
         provenance=provenance,
         n_candidates=int(settings["n_candidates"]),
         evaluation=_read_evaluation(evaluation),

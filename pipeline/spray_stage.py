@@ -1,17 +1,22 @@
-"""The ``spray`` stage: SpRAy per class on a relevance store, Clever-Hans ranking, files for people and unlearning.
+"""The ``spray`` stage: SpRAy per class on a relevance store, strategies and Clever-Hans flags, files for people and
+unlearning.
 
 Writes to ``spray/<model>/``:
 
-- ``samples.parquet``: sample_id, label, class_name, group, cluster (chosen k), cluster_k2..cluster_kK,
-  ch_rank (rank of the sample's cluster, 1 = first), tsne_x/y, umap_x/y;
-- ``classes.json``: per class the eigenvalues, gaps, chosen k, gap strength, stability, kNN degree;
-- ``clusters.parquet`` / ``clusters.csv``: all clusters ranked by Clever-Hans score (``audits.clever_hans``);
+- ``samples.parquet``: sample_id, label, class_name, group, cluster (chosen k), strategy, cluster_k2..cluster_kK,
+  ch_rank (rank of the sample's strategy, 1 = first), tsne_x/y, umap_x/y;
+- ``classes.json``: per class the eigenvalues, gap ratios, chosen k, gap strength, stability, kNN degree, denoised
+  dimensions, number of strategies;
+- ``clusters.parquet`` / ``clusters.csv``: all clusters ranked by their strategy's evidence (``audits.clever_hans``;
+  ``flagged`` is true for every cluster of a flagged strategy);
+- ``strategies.json`` / ``strategies.csv``: every class's strategies (groups of clusters) with their evidence
+  (isolation kappa, p-value, relevance gain, flagged, rank), the null and the p-value threshold;
 - ``cluster_means.npz``: mean map of every cluster (key ``<class index>/<cluster>``) and its medoid's map
   (``medoid/<class index>/<cluster>``), both normalised as clustered;
 - ``members/<class>__cluster<j>.json`` and ``.csv``: the sample ids of every cluster;
 
-and metrics JSON (for the built-in data also ``artifact_ari`` and ``artifact_rank``, scored with ground truth that
-the method never sees).
+and metrics JSON (for the built-in data also ``artifact_ari`` and ``artifact_rank`` of the first planted artifact,
+and per artifact under ``artifacts``, scored with ground truth that the method never sees).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from sklearn.metrics import adjusted_rand_score
 from tqdm.auto import tqdm
 
 from audits import SpRAy
-from audits.clever_hans import FLAG_THRESHOLD, cluster_statistics, rank_clusters
+from audits.clever_hans import FALSE_ALARM_RATE, audit_strategies, cluster_statistics, rank_clusters
 
 from .datasets import load_dataset
 from .io import write_json, write_with
@@ -36,16 +41,17 @@ __all__ = ["SPRAY_DEFAULTS", "run_spray", "members_stem"]
 
 SPRAY_DEFAULTS = {
     "group_by": "label",  # or "prediction"
-    "pooled_size": None,  # None: the store's pooled maps as they are
+    "pooled_size": 8,  # the "where" view (the store's pooled maps are pooled further)
     "normalization": "abs",
+    "views": ["where", "shape"],
     "n_neighbors": None,
     "k_max": 8,
-    "heat_kernel": False,
-    "relative_gap": True,
+    "weighting": "local",
+    "gap_ratio": 4.5,
     "stability_seeds": 3,
     "embeddings": ["tsne", "umap"],
     "random_state": 0,
-    "flag_threshold": FLAG_THRESHOLD,
+    "false_alarm_rate": FALSE_ALARM_RATE,
     "n_exemplars": 6,
 }
 
@@ -57,6 +63,21 @@ def members_stem(out: Path, class_name: str, class_index: int, cluster: int) -> 
     if safe != class_name:
         safe = f"{safe or 'class'}-{int(class_index)}"
     return Path(out) / "members" / f"{safe}__cluster{int(cluster)}"
+
+
+def _fit_class(settings: dict, maps: np.ndarray) -> SpRAy:
+    return SpRAy(
+        pooled_size=settings["pooled_size"],
+        normalization=settings["normalization"],
+        views=tuple(settings["views"]),
+        n_neighbors=settings["n_neighbors"],
+        k_max=settings["k_max"],
+        weighting=settings["weighting"],
+        gap_ratio=settings["gap_ratio"],
+        stability_seeds=settings["stability_seeds"],
+        embeddings=tuple(e for e in settings["embeddings"] if len(maps) >= 10),
+        random_state=settings["random_state"],
+    ).fit(maps)
 
 
 def run_spray(
@@ -74,33 +95,25 @@ def run_spray(
     out = Path(out)
     (out / "members").mkdir(parents=True, exist_ok=True)
     table["group"] = table[settings["group_by"]]
-    samples, class_info, cluster_rows, means = [], {}, [], {}
-    k_max = settings["k_max"]
+    samples, class_info, cluster_rows, means, graphs, null_samples = [], {}, [], {}, {}, []
     for k_index, name in enumerate(tqdm(classes, desc="spray", disable=not progress)):
         idx = np.flatnonzero(table.group.to_numpy() == k_index)
         if len(idx) < 3:
             class_info[name] = {"n_samples": int(len(idx)), "skipped": "fewer than 3 samples"}
             continue
-        spray = SpRAy(
-            pooled_size=settings["pooled_size"],
-            normalization=settings["normalization"],
-            n_neighbors=settings["n_neighbors"],
-            k_max=k_max,
-            heat_kernel=settings["heat_kernel"],
-            relative_gap=settings["relative_gap"],
-            stability_seeds=settings["stability_seeds"],
-            embeddings=tuple(e for e in settings["embeddings"] if len(idx) >= 10),
-            random_state=settings["random_state"],
-        ).fit(pooled[idx])
-        side = int(round(np.sqrt(spray.features_.shape[1])))
+        spray = _fit_class(settings, pooled[idx])
+        graphs[k_index] = (name, spray.graph_)
+        null_samples.extend(spray.null_log_conductances_)
+        side = spray.maps_.shape[1:]
         stats, class_means = cluster_statistics(
-            spray.features_, spray.labels_, (side, side), table.correct.to_numpy()[idx], settings["n_exemplars"]
-        )
+            spray.maps_.reshape(len(idx), -1), spray.labels_, side, table.correct.to_numpy()[idx],
+            settings["n_exemplars"],
+        )  # fmt: skip
         stats.insert(0, "class_name", name)
         stats.insert(1, "class_index", k_index)
         stats["k"] = spray.n_clusters_
         for j, medoid in zip(stats.cluster, stats.medoid):
-            means[f"medoid/{k_index}/{j}"] = spray.features_[medoid].reshape(side, side).astype(np.float32)
+            means[f"medoid/{k_index}/{j}"] = spray.maps_[medoid].astype(np.float32)
         stats["exemplars"] = [table.sample_id.iloc[idx[e]].tolist() for e in stats.exemplars]
         stats["medoid"] = [table.sample_id.iloc[idx[m]] for m in stats.medoid]
         cluster_rows.append(stats)
@@ -109,11 +122,12 @@ def run_spray(
         class_info[name] = {
             "n_samples": int(len(idx)),
             "eigenvalues": spray.eigenvalues_.tolist(),
-            "gaps": spray.gaps_.tolist(),
+            "gaps": [float(g) if np.isfinite(g) else None for g in spray.gaps_],
             "n_clusters": spray.n_clusters_,
-            "gap_strength": spray.gap_strength_,
+            "gap_strength": float(spray.gap_strength_) if np.isfinite(spray.gap_strength_) else None,
             "stability": spray.stability_,
             "n_neighbors": spray.n_neighbors_,
+            "n_components": spray.n_components_,
         }
         rows = pd.DataFrame(
             {
@@ -132,10 +146,15 @@ def run_spray(
         samples.append(rows)
     if not cluster_rows:
         raise ValueError("no class has 3 or more samples: nothing to cluster")
-    ranked = rank_clusters(pd.concat(cluster_rows, ignore_index=True), settings["flag_threshold"])
+    strategies, null, threshold = audit_strategies(graphs, null_samples, settings["false_alarm_rate"])
+    for name, info in class_info.items():
+        if "n_clusters" in info:
+            info["n_strategies"] = int((strategies.class_name == name).sum())
+    ranked = rank_clusters(pd.concat(cluster_rows, ignore_index=True), strategies)
     samples = pd.concat(samples, ignore_index=True)
-    rank_of = {(r.class_index, r.cluster): r.ch_rank for r in ranked.itertuples()}
-    samples["ch_rank"] = [rank_of[(g, c)] for g, c in zip(samples.group, samples.cluster)]
+    of_cluster = {(r.class_index, r.cluster): r for r in ranked.itertuples()}
+    samples["strategy"] = [of_cluster[(g, c)].strategy for g, c in zip(samples.group, samples.cluster)]
+    samples["ch_rank"] = [of_cluster[(g, c)].ch_rank for g, c in zip(samples.group, samples.cluster)]
     samples = samples.sort_values("index").reset_index(drop=True)
 
     for r in ranked.itertuples():
@@ -143,27 +162,49 @@ def run_spray(
         stem = members_stem(out, r.class_name, r.class_index, r.cluster)
         write_json(
             stem.with_suffix(".json"),
-            {"class_name": r.class_name, "cluster": int(r.cluster), "ch_rank": int(r.ch_rank), "sample_ids": members},
-        )
+            {"class_name": r.class_name, "cluster": int(r.cluster), "strategy": int(r.strategy),
+             "ch_rank": int(r.ch_rank), "sample_ids": members},
+        )  # fmt: skip
         write_with(
             stem.with_suffix(".csv"), lambda tmp, m=members: pd.DataFrame({"sample_id": m}).to_csv(tmp, index=False)
         )
+    evidence = {
+        "false_alarm_rate": settings["false_alarm_rate"],
+        "p_threshold": threshold,
+        "null": {"location": null.location, "slope": null.slope, "scale": null.scale, "n_cuts": null.n},
+    }
     write_with(out / "samples.parquet", lambda tmp: samples.to_parquet(tmp, index=False))
     write_with(out / "clusters.parquet", lambda tmp: ranked.to_parquet(tmp, index=False))
     write_with(out / "clusters.csv", lambda tmp: ranked.drop(columns=["exemplars"]).to_csv(tmp, index=False))
+    write_json(out / "strategies.json", {**evidence, "strategies": _jsonable(strategies)})
+    write_with(out / "strategies.csv", lambda tmp: strategies.assign(
+        clusters=[";".join(map(str, c)) for c in strategies.clusters]).to_csv(tmp, index=False))  # fmt: skip
     write_with(out / "cluster_means.npz", lambda tmp: _save_npz(tmp, means))
     write_json(out / "classes.json", class_info)
 
+    top = strategies.iloc[0]
     metrics = {
         "n_samples": int(len(samples)),
         "n_clusters": int(len(ranked)),
+        "n_strategies": int(len(strategies)),
         "n_flagged": int(ranked.flagged.sum()),
-        "top_ch_score": float(ranked.ch_score.iloc[0]),
+        "n_flagged_strategies": int(strategies.flagged.sum()),
+        "top_ch_score": float(top.ch_score),
         "top_cluster": f"{ranked.class_name.iloc[0]}/{int(ranked.cluster.iloc[0])}",
+        "top_strategy": f"{top.class_name}/s{int(top.strategy)}",
+        "p_threshold": threshold,
     }
-    metrics.update(_score_with_ground_truth(dataset, samples, ranked))
+    metrics.update(_score_with_ground_truth(dataset, samples, strategies))
     write_json(metrics_out, metrics)
     return metrics
+
+
+def _jsonable(strategies: pd.DataFrame) -> list[dict]:
+    out = []
+    for r in strategies.to_dict("records"):
+        out.append({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
+                   | {"clusters": [int(c) for c in r["clusters"]], "flagged": bool(r["flagged"])})  # fmt: skip
+    return out
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
@@ -171,19 +212,32 @@ def _save_npz(path: Path, arrays: dict) -> None:
         np.savez_compressed(fh, **arrays)
 
 
-def _score_with_ground_truth(dataset, samples: pd.DataFrame, ranked: pd.DataFrame) -> dict:
-    """Built-in data only: how well the ranking found the planted stamp (the method never sees the flag)."""
-    if dataset.source != "builtin" or dataset.poisoned_class is None:
+def _score_with_ground_truth(dataset, samples: pd.DataFrame, strategies: pd.DataFrame) -> dict:
+    """Built-in data only: how well the audit found each planted artifact (the method never sees the flags).
+
+    Per artifact: ``ari`` of its class's top-ranked strategy with the artifact flag, ``best_ari`` over the class's
+    strategies, ``rank`` (strategy rank of the best-matching one) and whether that one is flagged. The first
+    artifact's figures are also ``artifact_ari``, ``artifact_best_ari`` and ``artifact_rank``.
+    """
+    if dataset.source != "builtin" or not dataset.artifacts:
         return {}
-    flags = dataset.manifest.set_index("sample_id").artifact
-    poisoned = dataset.classes.index(dataset.poisoned_class)
-    rows = samples[samples.group == poisoned]
-    truth = flags.loc[rows.sample_id].to_numpy()
-    if not truth.any():
-        return {"artifact_ari": 0.0, "artifact_rank": None}
-    class_ranked = ranked[ranked.class_index == poisoned]
-    top = int(class_ranked.cluster.iloc[0])
-    ari_of = {int(c): adjusted_rand_score(truth, rows.cluster.to_numpy() == c) for c in class_ranked.cluster}
-    best = max(ari_of, key=ari_of.get)
-    rank = int(class_ranked.ch_rank[class_ranked.cluster == best].iloc[0])
-    return {"artifact_ari": float(ari_of[top]), "artifact_rank": rank, "artifact_best_ari": float(ari_of[best])}
+    kinds = dataset.manifest.set_index("sample_id").artifact_kind
+    out = {}
+    for artifact in dataset.artifacts:
+        cue = dataset.classes.index(artifact["class"])
+        rows = samples[samples.group == cue]
+        truth = (kinds.loc[rows.sample_id] == artifact["kind"]).to_numpy()
+        key = f"{artifact['class']}/{artifact['kind']}"
+        if not truth.any():
+            out[key] = {"ari": 0.0, "best_ari": 0.0, "rank": None, "flagged": False}
+            continue
+        own = strategies[strategies.class_index == cue]
+        ari_of = {int(r.strategy): adjusted_rand_score(truth, rows.strategy.to_numpy() == r.strategy)
+                  for r in own.itertuples()}  # fmt: skip
+        best = max(ari_of, key=ari_of.get)
+        best_row = own[own.strategy == best].iloc[0]
+        out[key] = {"ari": float(ari_of[int(own.strategy.iloc[0])]), "best_ari": float(ari_of[best]),
+                    "rank": int(best_row.strategy_rank), "flagged": bool(best_row.flagged)}  # fmt: skip
+    first = out[f"{dataset.artifacts[0]['class']}/{dataset.artifacts[0]['kind']}"]
+    return {"artifact_ari": first["ari"], "artifact_best_ari": first["best_ari"], "artifact_rank": first["rank"],
+            "artifacts": out}  # fmt: skip

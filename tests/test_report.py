@@ -111,6 +111,8 @@ def test_report_stage_on_the_default_benchmark(poisoned, tmp_path):
     links = re.findall(r'href="([^"#][^"]*)"', body)
     assert links and all((report.parent / unquote(h)).is_file() for h in links), links[:3]
     assert "triangle" in html and "Clever-Hans candidate" in html
+    # the flagged strategy's evidence is on the page, in words, with the rule that flagged it
+    assert "cut crosses" in html and "false-alarm rate 0.05" in html and "the rest&#x27;s" in html
 
     small = params | {"report": {**REPORT_DEFAULTS, "max_points": 100, "hover_thumbnails": 5}}
     view, _ = build_audit_view(small, root / "spray", root / "store", root / "prepared", tmp_path / "a.html")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 from audits import SpRAy
-from audits.clever_hans import cluster_statistics, rank_clusters
+from audits.clever_hans import audit_strategies, cluster_statistics, rank_clusters
+from audits.features import denoise, shape_view
+from audits.planted import PlantedSpec, make_planted_maps
+from audits.spray import choose_k
 
 
 def planted(n=1000, shares=(0.7, 0.2, 0.1), size=16, noise=0.6, seed=0):
@@ -92,33 +96,103 @@ def test_bad_maps_get_one_clear_error(maps, error):
         SpRAy(embeddings=()).fit(maps)
 
 
-def test_constant_maps_warn_and_do_not_crash():
-    maps, _ = planted(60, seed=7)
-    maps[:5] = 0.0
+def test_all_zero_maps_form_one_cluster_of_their_own():
+    maps, truth = planted(300, seed=7)
+    maps[:12] = 0.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        spray = SpRAy(random_state=0, embeddings=()).fit(maps)
+        spray = SpRAy(random_state=0, embeddings=("tsne",), stability_seeds=1).fit(maps)
     assert any("all zero" in str(w.message) for w in caught)
-    assert len(spray.labels_) == 60
+    assert spray.n_clusters_ == 4 and (spray.labels_[:12] == 3).all() and (spray.labels_[12:] < 3).all()
+    assert adjusted_rand_score(truth[12:], spray.labels_[12:]) >= 0.95
+    assert np.isfinite(spray.embedding_["tsne"]).all()
+    assert [s.clusters for s in spray.strategies()][-1] == [3] and not spray.strategies()[-1].flagged
+    with pytest.raises(ValueError, match="at least 3 maps that are not all zero"):
+        SpRAy(embeddings=()).fit(np.zeros((10, 8, 8)))
 
 
-def test_clever_hans_score_prefers_a_fixed_small_region_over_a_moved_object():
+def test_k_is_the_last_jump_of_the_spectrum():
+    """Clusters whose eigenvalues lie orders of magnitude apart must not stop k early (the largest ratio would)."""
+    k, ratios = choose_k(np.array([0, 0, 1e-5, 1e-3, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1]), k_max=8, ratio=5)
+    assert k == 4 and ratios[1] == np.inf and ratios[0] == 1.0
+    assert choose_k(np.array([0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08]), 6, 5)[0] == 2  # a continuum
+    assert choose_k(np.zeros(12), 8, 5)[0] == 8  # more components than k_max: as many as allowed
+
+
+def test_shape_view_ignores_where_a_patch_lies_and_denoising_keeps_the_signal():
+    maps = np.zeros((2, 32, 32))
+    maps[0, 2:6, 3:7] = 1.0
+    maps[1, 20:24, 25:29] = 1.0
+    a, b = shape_view(maps)
+    np.testing.assert_allclose(a, b, atol=1e-12)
     rng = np.random.default_rng(0)
-    size, n = 16, 300
-    maps = np.zeros((n, size, size))
-    for i in range(n):  # objects anywhere, a broad blob
-        y, x = rng.integers(3, 13, 2)
-        maps[i, y - 3 : y + 3, x - 3 : x + 3] = 1.0
-    maps[:60, 14:16, 0:2] += 8.0  # 20%: heavy relevance on a fixed 2x2 corner patch (a stamp)
-    labels = np.zeros(n, dtype=int)
-    labels[:60] = 1
-    labels[60:] = np.where(np.arange(240) % 2 == 0, 0, 2)  # two arbitrary halves of the clean maps
-    features = maps.reshape(n, -1) / maps.reshape(n, -1).sum(1, keepdims=True)
-    stats, means = cluster_statistics(features, labels, (size, size))
-    assert means.shape == (3, size, size)
-    scores = dict(zip(stats.cluster, stats.ch_score))
-    assert scores[1] > 0.25 > max(scores[0], scores[2])
-    stats["class_name"], stats["class_index"] = "c", 0
-    ranked = rank_clusters(stats)
-    assert ranked.cluster.iloc[0] == 1 and ranked.ch_rank.tolist() == [1, 2, 3]
-    assert ranked.flagged.tolist() == [True, False, False]
+    signal = np.zeros((400, 60))
+    signal[:200, 0] = 6.0
+    scores, kept = denoise(signal + rng.normal(size=signal.shape))
+    assert kept == 10  # the minimum: one direction stands above the noise
+    assert adjusted_rand_score(np.arange(400) < 200, scores[:, 0] > np.median(scores[:, 0])) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("spec", "k"),
+    [
+        (PlantedSpec(size=224), 3),  # big maps, noise 0.2 of the peak, per-map scale 0.5-2x
+        (PlantedSpec(n=600, shares=(0.9, 0.05, 0.05)), 3),  # strategies of 5%
+        (PlantedSpec(shares=(0.7, 0.3), cues=("none", "spot")), 2),  # a cue at a different place in every map
+        (PlantedSpec(shares=(0.55, 0.25, 0.12, 0.08), cues=("none", "corner", "edge", "frame")), 4),
+        (PlantedSpec(duplicates=0.3), 3),  # near-duplicates would form cliques
+    ],
+    ids=["224px", "5%", "moving spot", "four", "duplicates"],
+)
+def test_planted_family_subset_k_and_clusters(spec, k):
+    """A subset of benchmarks/spray_planted.py: the number of strategies and the clusters come out right."""
+    maps, truth = make_planted_maps(spec, seed=0)
+    spray = SpRAy(random_state=0, embeddings=(), stability_seeds=0).fit(maps)
+    assert adjusted_rand_score(truth, spray.labels_) >= 0.95
+    assert len(spray.strategies()) == k
+
+
+def test_strategies_merge_a_continuum_and_flag_only_the_confident_isolated_side():
+    """A clean class (objects anywhere) ends as one strategy; a class where a third of the maps also pile relevance
+    on a corner, and carry more of it (a shortcut adds evidence), is cue + rest with only the cue flagged; the
+    evidence is a p-value against the audit's own cuts."""
+    rng = np.random.default_rng(0)
+    clean, _ = make_planted_maps(PlantedSpec(n=300, shares=(1.0,), cues=("none",), scale=(1, 1)), seed=1)
+    poisoned, truth = make_planted_maps(PlantedSpec(n=300, shares=(0.7, 0.3), cues=("none", "corner"),
+                                                    scale=(1, 1)), seed=2)  # fmt: skip
+    logits = np.where(truth == 1, 3.0, 1.0) * rng.uniform(0.9, 1.1, 300)  # what each map sums to (conservation)
+    poisoned = poisoned / poisoned.sum((1, 2), keepdims=True) * logits[:, None, None]
+    clean = clean / clean.sum((1, 2), keepdims=True)
+    fits = {0: ("clean", SpRAy(random_state=0, embeddings=()).fit(clean)),
+            1: ("poisoned", SpRAy(random_state=0, embeddings=()).fit(poisoned))}  # fmt: skip
+    null = [v for _, s in fits.values() for v in s.null_log_conductances_]
+    table, model, threshold = audit_strategies({i: (n, s.graph_) for i, (n, s) in fits.items()}, null, 0.05)
+    assert (table.class_name == "clean").sum() == 1 and not table[table.class_name == "clean"].flagged.any()
+    poisoned_rows = table[table.class_name == "poisoned"]
+    assert len(poisoned_rows) == 2 and poisoned_rows.flagged.sum() == 1
+    top = table.iloc[0]
+    assert top.flagged and top.strategy_rank == 1 and top.p_value < threshold and top.relevance_gain > 2
+    labels = fits[1][1].labels_
+    assert adjusted_rand_score(truth == 1, np.isin(labels, top.clusters)) >= 0.95
+    assert threshold == pytest.approx(0.05 / sum(len(np.unique(s.graph_.labels)) for _, s in fits.values()))
+
+    stats = pd.concat([cluster_statistics(s.maps_.reshape(300, -1), s.labels_, s.maps_.shape[1:])[0].assign(
+        class_name=n, class_index=i) for i, (n, s) in fits.items()])  # fmt: skip
+    ranked = rank_clusters(stats, table)
+    assert ranked.flagged.iloc[0] and ranked.ch_rank.iloc[0] == 1 and ranked.class_name.iloc[0] == "poisoned"
+    assert set(ranked.columns) >= {"class_index", "class_name", "cluster", "size", "ch_score", "ch_rank", "flagged"}
+
+
+def test_one_cue_split_by_place_is_grouped_into_one_flagged_strategy():
+    """A watermark-like band at a random place along the top edge: a finer eigengap cuts it into two clusters by
+    place; they are each other's main neighbour, have the same shape and are both the confident side, so they
+    form one strategy, and that one is flagged."""
+    for seed in range(2):
+        maps, truth = make_planted_maps(PlantedSpec(shares=(0.7, 0.3), cues=("none", "edge"), scale=(1, 1)), seed)
+        logits = np.where(truth == 1, 3.0, 1.0) * np.random.default_rng(seed).uniform(0.9, 1.1, len(truth))
+        maps = maps / maps.sum((1, 2), keepdims=True) * logits[:, None, None]
+        spray = SpRAy(random_state=0, embeddings=(), gap_ratio=3.0).fit(maps)
+        assert spray.n_clusters_ == 3
+        strategies = spray.strategies()
+        assert [s.clusters for s in strategies] == [[0], [1, 2]] and [s.flagged for s in strategies] == [False, True]
+        assert adjusted_rand_score(truth == 1, np.isin(spray.labels_, [1, 2])) >= 0.95

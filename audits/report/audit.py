@@ -45,6 +45,8 @@ class ClusterView:
     exemplars: list[Thumb] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     members: dict[str, str] = field(default_factory=dict)  # "json"/"csv" -> href of the sample-id list
+    strategy: int = 0  # clusters of one class with the same strategy share its evidence, score and rank
+    evidence: dict[str, float] = field(default_factory=dict)  # conductance, null_conductance, p_value, relevance_gain
 
 
 @dataclass
@@ -69,7 +71,7 @@ class AuditView:
     title: str
     facts: dict[str, Any]  # shown first: model, data, composite, ...
     classes: list[ClassView]
-    flag_threshold: float
+    flag_rule: str = "p below the false-alarm rate"  # how a strategy is flagged, in words, for the page
     provenance: dict[str, Any] = field(default_factory=dict)  # parameters, code version, inputs
     n_candidates: int = 5
     next_steps: Sequence[Any] | None = None
@@ -116,7 +118,8 @@ def cluster_gallery(cluster: ClusterView, class_name: str) -> Markup:
     heading = tag(
         "h4",
         tag("span", "", class_="swatch", style=f"background:{cluster_color(cluster.cluster)}"),
-        f"cluster {cluster.cluster}: {cluster.size:,} samples, score {cluster.ch_score:.3f} (rank {cluster.ch_rank}) ",
+        f"cluster {cluster.cluster}: {cluster.size:,} samples, strategy {cluster.strategy}, score "
+        f"{cluster.ch_score:.1f} (rank {cluster.ch_rank}) ",
         flag,
     )
     rows = [tag("div", *thumb_cells(t), class_="strip") for t in cluster.exemplars]
@@ -132,6 +135,20 @@ def _candidates(view: AuditView) -> list[tuple[ClassView, int, ClusterView]]:
     return rows[: max(n_flagged, view.n_candidates)]
 
 
+def evidence_text(c: ClusterView) -> str:
+    """The strategy's evidence in words: how few graph edges its cut crosses, against the null, and the logit gain."""
+    e = c.evidence
+    if not e or not np.isfinite(e.get("conductance", np.nan)):
+        return "one strategy with the rest of its class"
+    parts = [f"cut crosses {e['conductance']:.2%} of edges"]
+    if np.isfinite(e.get("null_conductance", np.nan)):
+        parts[-1] += f" (cuts through one strategy: {e['null_conductance']:.1%})"
+    parts.append(f"p = {e['p_value']:.2g}")
+    if np.isfinite(e.get("relevance_gain", np.nan)):
+        parts.append(f"explained logit ×{e['relevance_gain']:.2f} the rest's")
+    return "; ".join(parts)
+
+
 def candidates_table(view: AuditView) -> Markup:
     rows = []
     for cv, index, c in _candidates(view):
@@ -140,16 +157,18 @@ def candidates_table(view: AuditView) -> Markup:
             [
                 _fmt(c.ch_rank),
                 link(f"#{_anchor(index)}", cv.name),
-                str(c.cluster),
+                f"{c.cluster} (strategy {c.strategy})",
                 f"{c.size:,} ({c.size / max(cv.n_samples, 1):.0%})",
-                tag("b", f"{c.ch_score:.3f}") if c.flagged else f"{c.ch_score:.3f}",
+                tag("b", f"{c.ch_score:.1f}") if c.flagged else f"{c.ch_score:.1f}",
                 tag("span", "flagged", class_="flag") if c.flagged else "no",
+                evidence_text(c),
                 mean_map_cell(c, cv.name, width=64),
                 tag("div", exemplars, class_="strip"),
                 members_links(c),
             ]
         )
-    header = ["rank", "class", "cluster", "size", "score", "flag", "mean map", "exemplars (overlay)", "sample ids"]
+    header = ["rank", "class", "cluster", "size", "score", "flag", "evidence", "mean map", "exemplars (overlay)",
+              "sample ids"]  # fmt: skip
     return table(header, rows, cls="candidates")
 
 
@@ -159,8 +178,8 @@ def _next_steps(view: AuditView) -> list[Any]:
     flagged = [(cv, c) for cv, _, c in _candidates(view) if c.flagged]
     if not flagged:
         return [
-            f"No cluster scores above the flag threshold ({view.flag_threshold:.2f}). Look at the top-ranked "
-            "clusters anyway: a cue spread over a large region (a frame, a background) scores lower than a stamp.",
+            f"No strategy is flagged ({view.flag_rule}). Look at the top-ranked clusters anyway: a cue that "
+            "changes what the model sees everywhere (a colour cast, a background) need not move where relevance lies.",
             "Check the classes whose spectra show a strong gap: several strategies in one class deserve a look.",
         ]
     top_class, top = flagged[0]
@@ -233,14 +252,15 @@ def class_section(page: Page, cv: ClassView, index: int, *, open: bool) -> Marku
             str(c.cluster),
             f"{c.size:,}",
             f"{c.size / max(cv.n_samples, 1):.1%}",
-            f"{c.ch_score:.3f}",
+            f"{c.strategy}",
+            f"{c.ch_score:.1f}",
             str(c.ch_rank),
             *(_fmt(c.stats.get(k, float("nan"))) for k in _STAT_COLUMNS),
             members_links(c),
         ]
         for c in cv.clusters
     ]
-    header = ["", "cluster", "size", "share", "score", "rank", *_STAT_COLUMNS.values(), "sample ids"]
+    header = ["", "cluster", "size", "share", "strategy", "score", "rank", *_STAT_COLUMNS.values(), "sample ids"]
     blocks.append(table(header, rows))
     ordered = sorted(cv.clusters, key=lambda c: c.ch_rank)
     blocks += [cluster_gallery(c, cv.name) for c in ordered]
@@ -310,11 +330,11 @@ def evaluation_section(page: Page, evaluation: dict[str, Any]) -> Markup:
 def render_audit(view: AuditView, *, open_classes: int = 12) -> str:
     """The whole page as one string (write it with an atomic writer)."""
     page = Page(view.title)
-    n_flagged = sum(c.flagged for cv in view.classes for c in cv.clusters)
+    n_flagged = len({(cv.name, c.strategy) for cv in view.classes for c in cv.clusters if c.flagged})
     facts = dict(view.facts)
     facts.setdefault("classes", f"{len(view.classes):,}")
     facts.setdefault("samples", f"{sum(cv.n_samples for cv in view.classes):,}")
-    facts["flagged clusters"] = f"{n_flagged} (score > {view.flag_threshold:.2f})"
+    facts["flagged strategies"] = f"{n_flagged} ({view.flag_rule})"
     page.add(
         tag(
             "header",
@@ -323,10 +343,11 @@ def render_audit(view: AuditView, *, open_classes: int = 12) -> str:
         )
     )
     verdict = (
-        tag("p", f"{n_flagged} cluster(s) look like Clever-Hans behaviour.", class_="verdict flagged")
+        tag("p", f"{n_flagged} strateg{'y looks' if n_flagged == 1 else 'ies look'} like Clever-Hans behaviour.",
+            class_="verdict flagged")
         if n_flagged
-        else tag("p", "No cluster is flagged.", class_="verdict")
-    )
+        else tag("p", "No strategy is flagged.", class_="verdict")
+    )  # fmt: skip
     page.add(
         section(
             "Clever-Hans candidates",
@@ -335,9 +356,11 @@ def render_audit(view: AuditView, *, open_classes: int = 12) -> str:
                     verdict,
                     tag(
                         "p",
-                        "Clusters of all classes, ranked by score = (share of relevance that sits elsewhere than in "
-                        "the rest of the class) × (share of the moved relevance in its top 5% of pixels). A stamp "
-                        "or watermark moves relevance to the same few pixels in every member.",
+                        "Clusters of all classes, grouped into strategies and ranked by the evidence that the "
+                        "strategy is a shortcut: its cut from the rest of the class crosses far fewer kNN-graph "
+                        "edges than cuts through one strategy of this model do (the null, learnt from the audit's "
+                        "own clusters), and the model is more sure of its members than of the rest of the class. "
+                        "Score = -log10 p of the cut (0 for strategies the model is not more sure of).",
                         class_="help",
                     ),
                     candidates_table(view),
@@ -352,7 +375,7 @@ def render_audit(view: AuditView, *, open_classes: int = 12) -> str:
         page.add(evaluation_section(page, view.evaluation))
     order = sorted(range(len(view.classes)), key=lambda i: -view.classes[i].top_score)
     overview = table(
-        ["class", "samples", "k", "top score", "flagged"],
+        ["class", "samples", "k", "top score", "flagged clusters"],
         [
             [
                 link(f"#{_anchor(i)}", view.classes[i].name),

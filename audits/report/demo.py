@@ -58,13 +58,16 @@ def synthetic_view(
             ClusterView(
                 cluster=j,
                 size=int((labels == j).sum()),
-                ch_score=float(rng.random() * 0.3 if (c, j) != (0, 1) else 0.6),
+                ch_score=float(rng.random() * 0.3 if (c, j) != (0, 1) else 12.0),
                 ch_rank=0,
                 flagged=(c, j) == (0, 1),
                 mean_relevance=_thumb(rng, "mean", thumb).relevance,
                 exemplars=[_thumb(rng, ids[i], thumb) for i in np.flatnonzero(labels == j)[:exemplars]],
                 stats={"distance_from_rest": 0.3, "moved_concentration": 0.5, "misclassified_share": 0.0},
                 members={"json": f"../spray/members/c{c}__cluster{j}.json"},
+                strategy=j,
+                evidence={"conductance": 0.001 if (c, j) == (0, 1) else 0.09, "null_conductance": 0.09,
+                          "p_value": 1e-12 if (c, j) == (0, 1) else 0.5, "relevance_gain": 2.5},  # fmt: skip
             )
             for j in range(k)
         ]
@@ -88,7 +91,7 @@ def synthetic_view(
         title=f"synthetic audit of {names[0]}",
         facts={"model": "synthetic", "data": names[0]},
         classes=classes,
-        flag_threshold=0.5,
+        flag_rule="demo: one planted strategy",
         provenance={"parameters": {"class names": names[:3]}},
     )
 
