@@ -1,20 +1,23 @@
-"""From a flagged SpRAy cluster to an artifact model, with no human labels.
+"""From flagged SpRAy strategies to artifact models, with no human labels.
 
-- samples: the cluster's members;
-- region: the members' mean |R| map (each map L1-normalised), Gaussian-smoothed and thresholded at a share of its
-  maximum; per-member masks follow the cue where it moves (the member's own smoothed |R| above the same share,
-  inside the dilated region);
+Per flagged strategy (a group of one class's clusters; ``audits.strategies``):
+
+- samples: the strategy's members (the union of its clusters);
+- region: where the members' relevance moved: their mean |R| share map minus the rest of the class's (each map
+  L1-normalised, positive part), Gaussian-smoothed and thresholded at a share of its maximum; per-member masks
+  follow the cue where it moves (the member's own smoothed |R| above the same share, inside the dilated region);
 - concept direction: a pattern CAV in the last feature map (the input of the global pooling), from spatially
   max-pooled activations: cov(a, t) / var(t) with t = 1 for members and 0 for the rest of the class, which for a
   binary t is the difference of the two class-conditional means (Haufe et al.'s "signal" estimate), unit length.
 
-Ground truth of the built-in benchmark is never read here; it only scores the result (``unlearn.py``).
+Every flagged strategy is un-learned at once (``pipeline.unlearn``). Ground truth of the built-in benchmark is never
+read here; it only scores the result (``unlearn_stage.py``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,8 @@ __all__ = [
     "ArtifactModel",
     "ArtifactError",
     "NothingFlagged",
-    "select_cluster",
+    "Selection",
+    "select_strategies",
     "build_region",
     "feature_layer",
     "pattern_cav",
@@ -40,58 +44,94 @@ class ArtifactError(ValueError):
 
 
 class NothingFlagged(ArtifactError):
-    """The audit flagged no cluster and params name none: there is nothing to un-learn (not a failure)."""
+    """The audit flagged no strategy and params name none: there is nothing to un-learn (not a failure)."""
+
+
+@dataclass
+class Selection:
+    """One strategy to un-learn: a class, some of its clusters and their members."""
+
+    class_index: int
+    class_name: str
+    clusters: list[int]
+    member_ids: list[str]
 
 
 @dataclass
 class ArtifactModel:
     class_index: int
     class_name: str
-    cluster: int
+    clusters: list[int]
     member_ids: list[str]
     region: np.ndarray  # (H, W) bool
     region_map: np.ndarray  # (H, W) float, the smoothed mean |R| share map
     member_masks: np.ndarray  # (M, H, W) bool, aligned with member_ids
     cav: np.ndarray | None = None  # (C,) unit vector in the feature layer
     cav_reference: float | None = None  # mean projection of non-members on the CAV
+    held_out: list[str] = field(default_factory=list)  # members kept out of fine-tuning (R_bias is measured there)
+
+    @property
+    def name(self) -> str:
+        return f"{self.class_name}/{'+'.join(map(str, self.clusters))}"
 
     def summary(self) -> dict:
         return {
             "class_name": self.class_name,
             "class_index": self.class_index,
-            "cluster": self.cluster,
+            "clusters": list(self.clusters),
+            "cluster": self.clusters[0],
             "n_members": len(self.member_ids),
+            "n_held_out": len(self.held_out),
             "region_pixels": int(self.region.sum()),
             "region_share": float(self.region.mean()),
             "exemplar_ids": self.member_ids[:: max(1, len(self.member_ids) // 6)][:6],
         }
 
 
-def select_cluster(spray_dir: Path, choice: str | None = None) -> tuple[int, str, int, list[str]]:
-    """The top-ranked flagged cluster, or ``choice`` = ``"<class name>/<cluster>"``; returns its member ids."""
-    clusters = pd.read_parquet(Path(spray_dir) / "clusters.parquet")
-    if choice:
-        name, _, number = str(choice).rpartition("/")
-        if not name or not number.isdigit():
-            raise ArtifactError(f"unlearn.cluster must look like '<class name>/<cluster>'; got {choice!r}")
-        row = clusters[(clusters.class_name == name) & (clusters.cluster == int(number))]
-        if row.empty:
-            raise ArtifactError(f"unlearn.cluster {choice!r} is not a cluster of {spray_dir}")
-    else:
-        row = clusters[clusters.flagged].sort_values("ch_rank")
-        if row.empty:
-            raise NothingFlagged(
-                f"no cluster of {spray_dir} is flagged (top score {clusters.ch_score.max():.3f}); "
-                "name one in params (unlearn.cluster: '<class>/<cluster>') to un-learn it anyway"
-            )
+def _members(spray_dir: Path, class_name: str, class_index: int, clusters: list[int]) -> list[str]:
     from .spray_stage import members_stem  # here, so the fine-tuning code needs no zarr/umap (e.g. on a GPU box)
 
-    r = row.iloc[0]
-    stem = members_stem(Path(spray_dir), r.class_name, int(r.class_index), int(r.cluster))
-    members = json.loads(stem.with_suffix(".json").read_text())["sample_ids"]
+    members = []
+    for cluster in clusters:
+        stem = members_stem(Path(spray_dir), class_name, class_index, cluster)
+        if not stem.with_suffix(".json").is_file():
+            raise ArtifactError(f"the members of {class_name}/{cluster} are missing: {stem}.json")
+        members += json.loads(stem.with_suffix(".json").read_text())["sample_ids"]
     if not members:
-        raise ArtifactError(f"cluster {r.class_name}/{int(r.cluster)} has no members ({stem}.json)")
-    return int(r.class_index), str(r.class_name), int(r.cluster), list(members)
+        raise ArtifactError(f"cluster {class_name}/{'+'.join(map(str, clusters))} has no members ({stem}.json)")
+    return members
+
+
+def select_strategies(spray_dir: Path, choice: str | list[str] | None = None) -> list[Selection]:
+    """Every flagged strategy of the audit (strongest first), or the clusters that ``choice`` names
+    (``"<class name>/<cluster>"``, or a list of them; clusters of one class are un-learned as one strategy)."""
+    clusters = pd.read_parquet(Path(spray_dir) / "clusters.parquet")
+    if choice:
+        chosen: dict[str, list[int]] = {}
+        for entry in [choice] if isinstance(choice, str) else list(choice):
+            name, _, number = str(entry).rpartition("/")
+            if not name or not number.isdigit():
+                raise ArtifactError(f"unlearn.cluster entries must look like '<class name>/<cluster>'; got {entry!r}")
+            if clusters[(clusters.class_name == name) & (clusters.cluster == int(number))].empty:
+                raise ArtifactError(f"unlearn.cluster {entry!r} is not a cluster of {spray_dir}")
+            chosen.setdefault(name, []).append(int(number))
+        picked = [(name, sorted(set(c))) for name, c in chosen.items()]
+    else:
+        flagged = clusters[clusters.flagged].sort_values(["ch_rank", "cluster"])
+        if flagged.empty:
+            top = clusters.sort_values("ch_rank").iloc[0]
+            raise NothingFlagged(
+                f"no strategy of {spray_dir} is flagged (top: {top.class_name}/{int(top.cluster)}, p = "
+                f"{float(top.get('p_value', np.nan)):.2g}); name clusters in params (unlearn.cluster: "
+                "'<class>/<cluster>') to un-learn them anyway"
+            )
+        strategies = flagged.groupby(["class_name", "strategy"], sort=False)
+        picked = [(name, sorted(group.cluster.astype(int).tolist())) for (name, _), group in strategies]
+    out = []
+    for name, chosen_clusters in picked:
+        index = int(clusters[clusters.class_name == name].class_index.iloc[0])
+        out.append(Selection(index, name, chosen_clusters, _members(spray_dir, name, index, chosen_clusters)))
+    return out
 
 
 def _share_maps(maps: np.ndarray) -> np.ndarray:
@@ -101,13 +141,25 @@ def _share_maps(maps: np.ndarray) -> np.ndarray:
 
 
 def build_region(
-    member_maps: np.ndarray, sigma: float = 1.5, threshold: float = 0.2, dilation: int = 3
+    member_maps: np.ndarray,
+    sigma: float = 1.5,
+    threshold: float = 0.2,
+    dilation: int = 3,
+    rest_maps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(region, smoothed mean share map, per-member masks) from the members' full-resolution relevance maps."""
+    """(region, smoothed region map, per-member masks) from the members' full-resolution relevance maps.
+
+    With ``rest_maps`` (the rest of the class) the region map is where relevance *moved*: the members' mean |R|
+    share minus the rest's, positive part. A thin cue (a frame) then stands out from the object relevance every map
+    has; the members' own mean alone would mark much of the image around it.
+    """
     if len(member_maps) == 0:
         raise ArtifactError("the artifact cluster has no relevance maps")
     shares = _share_maps(member_maps)
-    mean = ndimage.gaussian_filter(shares.mean(0), sigma)
+    mean = shares.mean(0)
+    if rest_maps is not None and len(rest_maps):
+        mean = np.clip(mean - _share_maps(rest_maps).mean(0), 0, None)
+    mean = ndimage.gaussian_filter(mean, sigma)
     if not np.isfinite(mean).all() or mean.max() <= 0:
         raise ArtifactError("the members' relevance is all zero: there is no region to un-learn")
     region = mean >= threshold * mean.max()

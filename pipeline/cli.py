@@ -31,6 +31,20 @@ def _progress(flag: bool | None) -> bool:
     return sys.stderr.isatty() if flag is None else flag
 
 
+SHORT_NAMES = {"test_acc": "test", "test_clean_acc": "clean", "test_attacked_acc": "attacked", "r_bias": "R_bias",
+               "artifact_ari": "ARI"}  # fmt: skip
+
+
+def _changes(before: dict, after: dict) -> str:
+    """'clean 0.840 -> 0.826, ...' for the figures both sides have (a summary never prints a missing one)."""
+    parts = []
+    for key, short in SHORT_NAMES.items():
+        b, a = before.get(key), after.get(key)
+        if isinstance(b, int | float) and isinstance(a, int | float):
+            parts.append(f"{short} {b:.3f} -> {a:.3f}")
+    return ", ".join(parts)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Spectral Relevance Analysis audits: find and un-learn Clever-Hans behaviour."""
@@ -38,15 +52,31 @@ def main() -> None:
 
 @main.command()
 @PARAMS
+@path_option("--out", "data/builtin", "Where the built-in benchmark goes (when data.root points there).", folder=True)
+@PROGRESS
+def builtin(params_path: Path, out: Path, progress: bool | None) -> None:
+    """Generate the built-in Clever-Hans benchmark (params: builtin) into OUT, when data.root is OUT."""
+    from .stages import generate_builtin
+
+    dataset = generate_builtin(load_params(params_path), out, progress=_progress(progress))
+    if dataset is None:
+        click.echo(f"builtin: data.root points elsewhere; nothing generated in {out}")
+        return
+    planted = ", ".join(f"{a['kind']} on {a['fraction']:.0%} of {a['class']}" for a in dataset.artifacts)
+    click.echo(f"builtin {out}: {len(dataset.manifest)} images of {len(dataset.classes)} classes; {planted}")
+
+
+@main.command()
+@PARAMS
 @path_option(
     "--out",
     "data/prepared",
-    "Where the prepared data set goes (images of the built-in benchmark, manifest.parquet, dataset.json).",
+    "Where the prepared data set goes (manifest.parquet, dataset.json; the images stay where they are).",
     folder=True,
 )
 @PROGRESS
 def prepare(params_path: Path, out: Path, progress: bool | None) -> None:
-    """Generate the built-in benchmark (data.root: null) or index an ImageFolder tree (data.root: PATH)."""
+    """Index data.root (the built-in benchmark or your ImageFolder tree; null: generate the built-in data here)."""
     from .stages import prepare as run
 
     dataset = run(load_params(params_path), out, progress=_progress(progress))
@@ -139,8 +169,9 @@ def spray(params_path: Path, store: Path, data: Path, out: Path, metrics_out: Pa
 
     metrics = run_spray(load_params(params_path), store, data, out, metrics_out, progress=_progress(progress))
     click.echo(
-        f"spray {out}: {metrics['n_clusters']} clusters, {metrics['n_flagged']} flagged; "
-        f"top {metrics['top_cluster']} (score {metrics['top_ch_score']:.3f})"
+        f"spray {out}: {metrics['n_clusters']} clusters in {metrics['n_strategies']} strategies, "
+        f"{metrics['n_flagged_strategies']} flagged (p < {metrics['p_threshold']:.2g}); "
+        f"top {metrics['top_strategy']} (score {metrics['top_ch_score']:.1f})"
     )
 
 
@@ -191,11 +222,11 @@ def unlearn(
     metrics = run_unlearn(
         load_params(params_path), data, model, store, spray_dir, model_out, metrics_out, progress=_progress(progress)
     )
-    before, after = metrics["before"], metrics["after"]
-    click.echo(
-        f"unlearn {metrics['method']}: attacked {before.get('test_attacked_acc', float('nan')):.3f} -> "
-        f"{after.get('test_attacked_acc', float('nan')):.3f}, R_bias {before['r_bias']:.3f} -> {after['r_bias']:.3f}"
-    )
+    if metrics.get("skipped"):
+        click.echo(f"unlearn: nothing to un-learn ({metrics['skipped']}); the model is kept as it is")
+        return
+    names = ", ".join(a["class_name"] for a in metrics["artifacts"])
+    click.echo(f"unlearn {metrics['method']} ({names}): {_changes(metrics['before'], metrics['after'])}")
 
 
 @main.command()
@@ -219,10 +250,7 @@ def compare(unlearn_metrics: Path, before: str, after: str, data: Path, metrics_
         metrics_out,
         out,
     )
-    b, a = metrics["before"], metrics["after"]
-    click.echo(
-        f"compare {out}: R_bias {b['r_bias']:.3f} -> {a['r_bias']:.3f}, ARI {b['artifact_ari']} -> {a['artifact_ari']}"
-    )
+    click.echo(f"compare {out}: {_changes(metrics['before'], metrics['after']) or 'nothing to compare'}")
 
 
 @main.command()

@@ -1,9 +1,12 @@
 """The ``compare`` stage: before/after of un-learning, as contract metrics and ``reports/compare.html``.
 
-Metrics (``metrics/compare.json``): ``before`` and ``after``, each with ``test_clean_acc``, ``test_attacked_acc``,
-``r_bias`` and ``artifact_ari`` (the ARI of the best-matching cluster of the artifact class with the stamp flag, from
-the original and the re-audit; built-in data only), for the method in params; and ``methods``, the same figures for
-every method fine-tuned by the unlearn stage. The page reuses the audit report's building blocks.
+Metrics (``metrics/compare.json``): ``before`` and ``after`` for the method in params, and ``methods``, the same
+figures for every method fine-tuned by the unlearn stage. Only figures that exist are written: on the built-in data
+``test_clean_acc``, ``test_as_trained_acc``, ``test_attacked_acc`` (and one per further artifact), ``r_bias`` (on the
+artifact classes' attacked test images, true masks) and ``artifact_ari`` (the best-matching strategy of the
+artifact class against the planted flag, from the original and the re-audit); on a user's data ``test_acc`` and
+``r_bias`` (on held-out members of the flagged strategies, never fine-tuned on). The page reuses the audit report's
+building blocks; with nothing flagged it says so, and before = after.
 """
 
 from __future__ import annotations
@@ -24,14 +27,26 @@ from .relevance_store import RelevanceStore
 
 __all__ = ["run_compare"]
 
-KEYS = ("test_clean_acc", "test_as_trained_acc", "test_attacked_acc", "r_bias")
 LABELS = {
+    "test_acc": "test accuracy",
     "test_clean_acc": "test clean accuracy",
     "test_as_trained_acc": "test as-trained accuracy",
-    "test_attacked_acc": "test attacked accuracy (stamp on every image)",
-    "r_bias": "R_bias: share of |R| on the stamp",
-    "artifact_ari": "ARI of the best-matching cluster with the stamp",
+    "test_attacked_acc": "test attacked accuracy (the artifact on every image)",
+    "r_bias": "R_bias: share of |R| on the artifact",
+    "artifact_ari": "ARI of the best-matching strategy with the planted artifact",
 }
+
+
+def _keys(figures: dict) -> list[str]:
+    """The accuracy keys present (test splits in order), then R_bias."""
+    accuracies = [k for k in figures if k.startswith("test") and k.endswith("_acc") and figures[k] is not None]
+    return accuracies + (["r_bias"] if figures.get("r_bias") is not None else [])
+
+
+def _label(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
+    return f"test attacked accuracy ({key[len('test_attacked_'):-len('_acc')]} artifact on every image)"
 
 
 def _read(path: Path) -> dict:
@@ -58,13 +73,16 @@ def run_compare(
     unlearn = _read(unlearn_metrics)
     spray = {k: Path(v) for k, v in spray.items()}
     spray_metrics = {k: _read(v) for k, v in spray_metrics.items()}
-    metrics = {"method": unlearn["method"], "artifact": unlearn["artifact"]}
+    metrics = {"method": unlearn["method"], "artifact": unlearn["artifact"],
+               "artifacts": unlearn.get("artifacts", []), "r_bias_on": unlearn.get("r_bias_on")}  # fmt: skip
+    keys = _keys(unlearn["before"])
     for when in ("before", "after"):
-        figures = {k: unlearn[when].get(k) for k in KEYS}
-        figures["artifact_ari"] = spray_metrics[when].get("artifact_best_ari")
+        figures = {k: unlearn[when][k] for k in keys}
+        if spray_metrics[when].get("artifact_best_ari") is not None:
+            figures["artifact_ari"] = spray_metrics[when]["artifact_best_ari"]
         metrics[when] = figures
     metrics["methods"] = {
-        m: {k: v for k, v in r.items() if k in (*KEYS, "seconds", "diverged")} for m, r in unlearn["methods"].items()
+        m: {k: v for k, v in r.items() if k in (*keys, "seconds", "diverged")} for m, r in unlearn["methods"].items()
     }
     write_json(metrics_out, metrics)
     page = _page(metrics, unlearn, spray, stores["before"], stores["after"], prepared, exemplars)
@@ -74,65 +92,63 @@ def run_compare(
 
 def _summary_table(metrics) -> object:
     rows = []
-    for key in (*KEYS, "artifact_ari"):
+    for key in metrics["before"]:
         b, a = metrics["before"].get(key), metrics["after"].get(key)
         change = f"{a - b:+.3f}" if isinstance(a, float) and isinstance(b, float) else "–"
-        rows.append([LABELS[key], _fmt(b), _fmt(a), change])
+        rows.append([_label(key), _fmt(b), _fmt(a), change])
     return table(["", "before", "after", "change"], rows)
 
 
 def _page(metrics, unlearn, spray, store_before, store_after, prepared, n_exemplars) -> str:
-    artifact = metrics["artifact"]
-    if artifact is None:
+    artifacts = metrics["artifacts"] or ([metrics["artifact"]] if metrics["artifact"] else [])
+    if not artifacts:
         page = Page("Un-learning: nothing to un-learn")
-        page.add(tag("header", tag("h1", page.title), tag("p", unlearn.get("skipped", ""))))
+        page.add(tag("header", tag("h1", page.title), tag("p", unlearn.get("skipped", "")),
+                     tag("p", "The audit flagged no strategy, so the model was left as it is: before = after.")))
         page.add(section("Before and after (the same model)", _summary_table(metrics), anchor="summary"))
         return page.render()
-    page = Page(f"Un-learning {artifact['class_name']} cluster {artifact['cluster']}: before and after")
-    page.add(
-        tag(
-            "header",
-            tag("h1", page.title),
-            tag(
-                "p",
-                f"method {metrics['method']}; artifact model from {artifact['n_members']} cluster members, region of "
-                f"{artifact['region_pixels']} px; concept direction in layer {artifact['cav_layer']}",
-            ),
-        )
+    names = ", ".join(f"{a['class_name']} (clusters {', '.join(map(str, a.get('clusters', [a['cluster']])))})"
+                      for a in artifacts)  # fmt: skip
+    page = Page(f"Un-learning {names}: before and after")
+    described = "; ".join(
+        f"{a['class_name']}: {a['n_members']} members ({a.get('n_held_out', 0)} held out), region of "
+        f"{a['region_pixels']} px" for a in artifacts
     )
+    page.add(tag("header", tag("h1", page.title),
+                 tag("p", f"method {metrics['method']}; concept direction in layer {artifacts[0]['cav_layer']}; "
+                          f"{described}")))  # fmt: skip
     page.add(section("Before and after", _summary_table(metrics), anchor="summary"))
+    keys = [k for k in metrics["before"] if k != "artifact_ari"]
     method_rows = [
-        [m, *(_fmt(r.get(k)) for k in KEYS), f"{r['seconds']:.1f} s", "yes" if r["diverged"] else "no"]
+        [m, *(_fmt(r.get(k)) for k in keys), f"{r['seconds']:.1f} s", "yes" if r["diverged"] else "no"]
         for m, r in metrics["methods"].items()
     ]
+    heading = ["method", *(_label(k).split(" (")[0].replace("test ", "") for k in keys), "time", "diverged"]
     page.add(
         section(
             "All methods, same model, same batches",
             join(
                 [
-                    table(["method", "clean", "as trained", "attacked", "R_bias", "time", "diverged"], method_rows),
-                    tag(
-                        "p",
-                        "Accuracies on the test splits; R_bias on stamped test images of the artifact class.",
-                        class_="help",
-                    ),
+                    table(heading, method_rows),
+                    tag("p", f"Accuracies on the test splits; R_bias on {metrics.get('r_bias_on') or 'artifacts'}.",
+                        class_="help"),  # fmt: skip
                 ]
             ),
             anchor="methods",
         )
     )
     classes = {when: json.loads((spray[when] / "classes.json").read_text()) for when in spray}
-    name = artifact["class_name"]
-    spectra = [
-        page.figure(spectrum_figure(classes[w][name]["eigenvalues"], classes[w][name]["n_clusters"],
-                                    title=f"{name} {w}: spectrum"))
-        for w in ("before", "after")
-        if "eigenvalues" in classes[w].get(name, {})
-    ]  # fmt: skip
-    page.add(section(f"Re-audit of {name}", tag("div", *spectra, class_="plots"), anchor="spectra"))
+    spectra = []
+    for a in artifacts:
+        for w in ("before", "after"):
+            info = classes[w].get(a["class_name"], {})
+            if "eigenvalues" in info:
+                title = f"{a['class_name']} {w}: spectrum"
+                spectra.append(page.figure(spectrum_figure(info["eigenvalues"], info["n_clusters"], title=title)))
+    page.add(section("Re-audit", tag("div", *spectra, class_="plots"), anchor="spectra"))
     page.add(section("Explanations of the artifact samples", _gallery(unlearn, store_before, store_after, prepared,
                                                                        n_exemplars), anchor="gallery"))  # fmt: skip
-    page.add(section("Provenance", tag("pre", json.dumps({"code version": code_version(), "artifact": artifact},
+    page.add(section("Provenance", tag("pre", json.dumps({"code version": code_version(), "artifacts": artifacts},
                                                         indent=2)), open=False))  # fmt: skip
     return page.render()
 
@@ -162,13 +178,15 @@ def _gallery(unlearn, store_before, store_after, prepared, n) -> object:
                 class_="strip",
             )
         )
-    return join([tag("p", "Members of the flagged cluster: relevance of the original and the cleaned model "
+    return join([tag("p", "Members of the flagged strategies: relevance of the original and the cleaned model "
                           "(red-white-blue, centred at zero).", class_="help"), *cells])  # fmt: skip
 
 
 def _artifact_members(unlearn: dict, table, n: int) -> list[str]:
     known = set(table.sample_id)
-    ids = [i for i in unlearn["artifact"].get("exemplar_ids", []) if i in known][:n]
+    artifacts = unlearn.get("artifacts") or [unlearn["artifact"]]
+    per = max(1, n // len(artifacts))
+    ids = [i for a in artifacts for i in [e for e in a.get("exemplar_ids", []) if e in known][:per]]
     if not ids:
         raise ValueError("the unlearn metrics name no artifact member that the relevance stores hold")
     return ids

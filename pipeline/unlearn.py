@@ -1,18 +1,20 @@
-"""Un-learning a flagged Clever-Hans cluster: five methods, one fine-tuning loop, scored on the same data.
+"""Un-learning the flagged Clever-Hans strategies: five methods, one fine-tuning loop, scored on the same data.
 
 - ``rrr-lrp`` (default): cross-entropy + lambda * mean(share^2), share = sum|R * M| / sum|R|, with R the model's
   own LRP relevance (lrp_core, ``create_graph=True``) for the true class and M the artifact mask;
 - ``rrr``: the same with Ross et al.'s input gradient of sum(log softmax) in place of R (squared gradient mass);
 - ``rr-clarc``: the squared cosine between the feature-map gradient of random-signed logits (spatially summed)
-  and the CAV;
-- ``p-clarc``: no training: the feature map is projected off the CAV onto the non-members' mean, folded exactly
-  into the classifier (the pooling between them is linear and per channel), so the cleaned model is an ordinary
-  state dict;
+  and each strategy's CAV, summed over the strategies;
+- ``p-clarc``: no training: the feature map is projected off each CAV onto the non-members' mean, folded exactly
+  into the classifier one strategy after the other (the pooling between them is linear and per channel; the last
+  folded projection meets the features first), so the cleaned model is an ordinary state dict;
 - ``vanilla``: the same fine-tuning without a penalty (the control).
 
 Penalties are scale-free shares, so one lambda range serves every model. The loop keeps BatchNorm statistics
 frozen (eval mode; lrp_core requires it and it keeps the fine-tune from drifting), pastes the artifact into a share
-of the other classes' images (Reveal to Revise), and on a non-finite loss stops with the last good weights.
+of images of other classes than the source member's (Reveal to Revise), and on a non-finite loss stops with the last
+good weights. Every flagged strategy is un-learned at once: its members carry their own masks, and any member can
+be the paste source.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 import lrp_core
 from lrp_core.composites import get_composite
 
-from .artifact import ArtifactError, ArtifactModel, paste_artifact
+from .artifact import ArtifactError, paste_artifact
 
 __all__ = ["METHODS", "UnlearnConfig", "fine_tune", "fold_projection", "relevance_share", "step_function"]
 
@@ -51,6 +53,7 @@ class UnlearnConfig:
     paste_fraction: float = 0.25
     composite: object = "epsilon_plus_flat"  # a name, or a Composite (epsilon_gamma_box needs its bounds)
     seed: int = 0
+    stop_gap: float = 0.02  # stop once validation accuracy with the artifacts pasted is this close to without
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,7 +85,7 @@ class _FeatureTap:
         self.handle.remove()
 
 
-def step_function(model: nn.Module, config: UnlearnConfig, artifact: ArtifactModel | None, layer: str | None):
+def step_function(model: nn.Module, config: UnlearnConfig, cavs: list[np.ndarray], layer: str | None):
     """``(x, y, masks) -> (logits, penalty)`` for the method: the one place where the methods differ."""
     composite = config.composite if not isinstance(config.composite, str) else get_composite(config.composite)
     method = config.method
@@ -101,9 +104,9 @@ def step_function(model: nn.Module, config: UnlearnConfig, artifact: ArtifactMod
         return logits, _share(grad.pow(2).sum(1), masks).pow(2).mean()
 
     if method == "rr-clarc":
-        if artifact is None or artifact.cav is None or layer is None:
+        if not cavs or layer is None:
             raise ArtifactError("rr-clarc needs a CAV")
-        cav = torch.as_tensor(artifact.cav, dtype=torch.float32)
+        directions = torch.as_tensor(np.stack(cavs), dtype=torch.float32)  # (S, C)
         generator = torch.Generator().manual_seed(config.seed)
 
     def rr_clarc(x, y, masks):
@@ -115,7 +118,7 @@ def step_function(model: nn.Module, config: UnlearnConfig, artifact: ArtifactMod
         signs = (torch.randint(0, 2, logits.shape, generator=generator).float() * 2 - 1).to(logits)
         (grad,) = torch.autograd.grad((signs * logits).sum(), tap.value, create_graph=True)
         g = grad.sum((2, 3)) if grad.dim() == 4 else grad
-        return logits, ((g @ cav.to(g)) ** 2 / (g.pow(2).sum(1) + 1e-12)).mean()
+        return logits, ((g @ directions.to(g).T) ** 2 / (g.pow(2).sum(1, keepdim=True) + 1e-12)).sum(1).mean()
 
     return {"vanilla": vanilla, "rrr": rrr, "rrr-lrp": rrr_lrp, "rr-clarc": rr_clarc}[method]
 
@@ -141,16 +144,25 @@ def fine_tune(
     images: torch.Tensor,
     labels: torch.Tensor,
     masks: torch.Tensor,
-    artifact: ArtifactModel,
     member_index: np.ndarray,
     config: UnlearnConfig,
+    cavs: list[np.ndarray] = (),
     layer: str | None = None,
     progress: bool = True,
+    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``model`` on normalised ``images`` with the method's penalty.
 
-    ``masks`` (N, H, W) is each training sample's artifact mask (members: their own; others: the region);
-    ``member_index`` indexes the members in ``images`` (paste sources).
+    ``masks`` (N, H, W) is each training sample's artifact mask (members of a flagged strategy: their own; the
+    rest: none); ``member_index`` indexes the members in ``images`` (the paste sources: each is pasted into images
+    of other classes than its own); ``cavs`` are the strategies' concept directions in ``layer`` (rr-clarc).
+
+    ``validation`` (normalised images, labels) turns ``config.epochs`` into a maximum: after each epoch the model
+    is scored on them as they are and with members' artifacts pasted into every image of another class (the same
+    pastes every epoch). The epoch with the best sum of both accuracies is kept, and training stops once the
+    pasted accuracy is within ``config.stop_gap`` of the plain one: the artifact no longer sways the decision,
+    which no ground truth is needed to see. A cue the model leans on harder takes more epochs; one it barely uses
+    stops after the first.
     """
     model = copy.deepcopy(model)
     for p in model.parameters():
@@ -160,7 +172,7 @@ def fine_tune(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     original = copy.deepcopy(model).eval()
-    loss_of = step_function(model, config, artifact, layer)
+    loss_of = step_function(model, config, list(cavs), layer)
     n = len(images)
     steps = max(1, n // config.batch_size)
     if config.optimizer == "adam":
@@ -170,9 +182,12 @@ def fine_tune(
     # cosine decay to zero: the last steps settle instead of leaving the model wherever the last batch threw it
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
     _freeze_batch_norm(model)
-    others = torch.as_tensor(np.flatnonzero((labels != artifact.class_index).numpy()))
-    sources = torch.as_tensor(member_index)
+    sources = torch.as_tensor(np.asarray(member_index, dtype=np.int64))
+    # paste targets per source class: images of any other class
+    targets_of = {int(c): torch.as_tensor(np.flatnonzero((labels != c).numpy())) for c in labels[sources].unique()}
     last_good = copy.deepcopy(model.state_dict())
+    check = _PastedValidation(validation, images, labels, masks, sources, config.seed) if validation else None
+    best = (-np.inf, last_good)
     history, diverged, started = [], False, time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(n, generator=generator)
@@ -181,10 +196,13 @@ def fine_tune(
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             x, y, m = images[index].clone(), labels[index], masks[index].clone()
-            n_paste = int(round(config.paste_fraction * len(index))) if len(others) and len(sources) else 0
+            n_paste = int(round(config.paste_fraction * len(index))) if len(sources) else 0
             if n_paste:
-                targets = others[torch.randint(len(others), (n_paste,), generator=generator)]
                 picks = sources[torch.randint(len(sources), (n_paste,), generator=generator)]
+                targets = torch.stack([
+                    pool[torch.randint(len(pool), (1,), generator=generator)[0]]
+                    for pool in (targets_of[int(labels[p])] for p in picks)
+                ])  # fmt: skip
                 x[:n_paste] = paste_artifact(images[targets], images[picks], masks[picks])
                 y = y.clone()
                 y[:n_paste] = labels[targets]
@@ -213,8 +231,38 @@ def fine_tune(
             break
         last_good = copy.deepcopy(model.state_dict())
         history.append({"epoch": epoch, **totals})
+        if check is not None:
+            plain, pasted = check(model)
+            history[-1].update(val_acc=plain, val_pasted_acc=pasted)
+            if plain + pasted > best[0]:
+                best = (plain + pasted, last_good)
+            if pasted >= plain - config.stop_gap:
+                break
+    if check is not None and not diverged:
+        model.load_state_dict(best[1])
     model.eval()
     return model, {"history": history, "diverged": diverged, "seconds": time.perf_counter() - started}
+
+
+class _PastedValidation:
+    """Validation accuracy as it is and with members' artifacts pasted into every image of another class."""
+
+    def __init__(self, validation, images, labels, masks, sources, seed: int):
+        self.x, self.y = validation
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.x_pasted = self.x.clone()
+        if len(sources):
+            picks = sources[torch.randint(len(sources), (len(self.x),), generator=generator)]
+            other = labels[picks] != self.y
+            self.x_pasted[other] = paste_artifact(self.x[other], images[picks[other]], masks[picks[other]])
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        model.eval()
+        return tuple(
+            float(torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]).eq(self.y).float().mean())
+            for x in (self.x, self.x_pasted)
+        )
 
 
 @torch.no_grad()

@@ -1,9 +1,13 @@
-"""The ``unlearn`` stage: artifact model from the audit, fine-tune (method in params), score every method.
+"""The ``unlearn`` stage: artifact models of every flagged strategy, fine-tune (method in params), score every method.
 
 Writes ``models/model_cleaned.pt`` (a plain state dict of the same architecture, so ``attribute@cleaned`` and
-``spray@cleaned`` re-audit it through the same stages) and ``metrics/unlearn.json``: the artifact model, before and
+``spray@cleaned`` re-audit it through the same stages) and ``metrics/unlearn.json``: the artifact models, before and
 after figures of the chosen method, and the same figures for every method of ``unlearn.compare_methods`` fine-tuned
 from the same model on the same batches.
+
+R_bias (the share of |R| on the artifact) is measured where fine-tuning never looked: on the built-in data, on the
+artifact classes' attacked test images with their true artifact masks; on a user's data, on ``holdout_fraction``
+of each strategy's members, kept out of fine-tuning, with their own automatic masks.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from .artifact import (
     ArtifactError,
     ArtifactModel,
     NothingFlagged,
+    Selection,
     build_region,
     feature_layer,
     layer_activations,
     pattern_cav,
-    select_cluster,
+    select_strategies,
 )
 from .datasets import Dataset, load_dataset, load_images, load_masks
 from .io import write_bytes, write_json
@@ -37,11 +42,12 @@ from .unlearn import METHODS, UnlearnConfig, fine_tune, fold_projection, relevan
 
 __all__ = ["UNLEARN_DEFAULTS", "run_unlearn"]
 
+REST_SAMPLE = 500  # maps of the rest of the class that set the baseline of the artifact region
 UNLEARN_DEFAULTS = {
     "method": "rrr-lrp",
     "compare_methods": list(METHODS),  # also fine-tuned and scored, for the comparison table ([] to skip)
-    "cluster": None,  # null: the top-ranked flagged cluster; or "<class name>/<cluster>"
-    "epochs": 1,
+    "cluster": None,  # null: every flagged strategy; or "<class name>/<cluster>", or a list of them
+    "epochs": 3,  # the most; each method stops early on validation (stop_gap)
     "batch_size": 32,
     "lr": 0.0001,
     "momentum": 0.9,
@@ -53,68 +59,90 @@ UNLEARN_DEFAULTS = {
     "region_threshold": 0.2,
     "cav_layer": None,  # null: the last feature map (the module before the global pooling)
     "composite": None,  # null: attribute.composite
+    "holdout_fraction": 0.2,  # user data: members kept out of fine-tuning, where R_bias is measured
+    "stop_gap": 0.02,  # stop once val accuracy with the artifacts pasted is this close to without (epochs: the most)
     "seed": 0,
 }
 
 
-def _artifact(settings, model, spray_dir, store_dir, normalize, train_rows, train_x) -> tuple[ArtifactModel, str]:
-    """The artifact model of the selected cluster: members, region and masks from the store, CAV from the model."""
-    class_index, class_name, cluster, members = select_cluster(spray_dir, settings["cluster"])
-    store = RelevanceStore(store_dir)
-    heatmap = store.open()["heatmap"]
+def _member_maps(store: RelevanceStore, members: list[str]) -> np.ndarray:
+    """Full-resolution maps of ``members``, in their order (one sorted read from the store)."""
     table = store.table()
     index_of = dict(zip(table.sample_id, table["index"]))
     missing = [m for m in members if m not in index_of]
     if missing:
-        raise ValueError(f"member {missing[0]!r} of the flagged cluster is not in the relevance store {store_dir}")
-    rows = np.sort(np.array([index_of[m] for m in members]))
-    maps = np.asarray(heatmap.oindex[rows], dtype=np.float32)
-    order = {index: i for i, index in enumerate(rows)}
-    maps = maps[[order[index_of[m]] for m in members]]
-    region, region_map, member_masks = build_region(maps, settings["region_sigma"], settings["region_threshold"])
-    artifact = ArtifactModel(class_index, class_name, cluster, members, region, region_map, member_masks)
-    layer = settings["cav_layer"] or feature_layer(model)
-    of_class = np.flatnonzero(train_rows.label.to_numpy() == class_index)
+        raise ValueError(f"member {missing[0]!r} of a flagged strategy is not in the relevance store {store.root}")
+    rows = np.array([index_of[m] for m in members])
+    order = np.argsort(rows)
+    maps = np.empty((len(rows), *store.open()["heatmap"].shape[1:]), dtype=np.float32)
+    maps[order] = store.open()["heatmap"].oindex[rows[order]]
+    return maps
+
+
+def _artifact(
+    selection: Selection, settings, model, layer, store, normalize, train_rows, train_x, holdout: bool
+) -> ArtifactModel:
+    """One strategy's artifact model: members, region and masks from the store, CAV from the model."""
+    members = selection.member_ids
+    table = store.table()
+    rest = table.sample_id[(table.label == selection.class_index) & ~table.sample_id.isin(set(members))]
+    rest = rest.sample(min(len(rest), REST_SAMPLE), random_state=settings["seed"]).tolist() if len(rest) else []
+    region, region_map, member_masks = build_region(
+        _member_maps(store, members), settings["region_sigma"], settings["region_threshold"],
+        rest_maps=_member_maps(store, rest) if rest else None,
+    )  # fmt: skip
+    artifact = ArtifactModel(selection.class_index, selection.class_name, selection.clusters, members, region,
+                             region_map, member_masks)  # fmt: skip
+    of_class = np.flatnonzero(train_rows.label.to_numpy() == selection.class_index)
     is_member = train_rows.sample_id.iloc[of_class].isin(set(members)).to_numpy()
     if not is_member.any():
         raise ArtifactError(
-            f"no member of {class_name}/{cluster} is a training sample: un-learning fine-tunes on the split that "
+            f"no member of {artifact.name} is a training sample: un-learning fine-tunes on the split that "
             "was audited, so attribute.split must be train"
         )
+    if holdout and settings["holdout_fraction"] > 0:
+        rng = np.random.default_rng([settings["seed"], selection.class_index])
+        n_out = int(round(settings["holdout_fraction"] * len(members)))
+        artifact.held_out = sorted(rng.choice(members, size=min(n_out, len(members) - 1), replace=False).tolist())
     x = normalize(torch.from_numpy(train_x[of_class]))
     artifact.cav, _ = pattern_cav(layer_activations(model, layer, x, pool="max").numpy(), is_member)
     mean_act = layer_activations(model, layer, x, pool="mean").numpy()
     artifact.cav_reference = float((mean_act[~is_member] @ artifact.cav).mean())
-    return artifact, layer
+    return artifact
 
 
-def _builtin_r_bias_data(dataset: Dataset, class_index: int | None, size: int):
-    """Stamped test images of the class with their ground-truth stamp masks (built-in data; scoring only)."""
-    if dataset.source != "builtin" or class_index is None:
+def _builtin_r_bias_data(dataset: Dataset, class_indices: list[int], size: int):
+    """Attacked test images of the artifact classes with their true artifact masks (built-in data; scoring only)."""
+    if dataset.source != "builtin" or not class_indices:
         return None
-    rows = dataset.split("test_attacked")
-    rows = rows[rows.label == class_index]
-    return (
-        load_images(dataset.root, rows.path, size),
-        rows.label.to_numpy(),
-        load_masks(dataset.root, rows.artifact_mask, size),
-    )
+    splits = {dataset.classes.index(a["class"]): a["attacked_split"] for a in dataset.artifacts}
+    parts = []
+    for class_index in class_indices:
+        rows = dataset.split(splits.get(class_index, "test_attacked"))
+        rows = rows[rows.label == class_index]
+        parts.append((load_images(dataset.root, rows.path, size), rows.label.to_numpy(),
+                      load_masks(dataset.root, rows.artifact_mask, size)))  # fmt: skip
+    return tuple(np.concatenate(p) for p in zip(*parts))
 
 
 def _score_artifact(dataset: Dataset, artifact: ArtifactModel, size: int) -> dict:
-    """Built-in data only: how well members and region match the planted stamp (never used by the method)."""
-    truth = dataset.manifest.set_index("sample_id").artifact
+    """Built-in data only: how well members and region match the planted artifact (never used by the method)."""
+    kinds = dataset.manifest.set_index("sample_id").artifact_kind
+    planted = {dataset.classes.index(a["class"]): a["kind"] for a in dataset.artifacts}
+    kind = planted.get(artifact.class_index)
     train = dataset.split("train")
     of_class = train[train.label == artifact.class_index]
-    stamped = set(of_class.sample_id[truth.loc[of_class.sample_id].to_numpy()])
+    carrying = set(of_class.sample_id[(kinds.loc[of_class.sample_id] == kind).to_numpy()]) if kind else set()
     members = set(artifact.member_ids)
-    stamps = dataset.manifest[dataset.manifest.artifact & (dataset.manifest.split == "train")].artifact_mask
-    region_truth = load_masks(dataset.root, stamps.head(200), size).any(0)
+    masks = dataset.manifest[(dataset.manifest.artifact_kind == kind) & (dataset.manifest.split == "train")]
+    region_truth = load_masks(dataset.root, masks.artifact_mask.head(200), size).any(0) if kind else None
     return {
-        "member_precision": len(members & stamped) / len(members),
-        "member_recall": len(members & stamped) / max(len(stamped), 1),
-        "region_covers_stamp": float((artifact.region & region_truth).sum() / max(region_truth.sum(), 1)),
-    }
+        "planted": kind,
+        "member_precision": len(members & carrying) / len(members),
+        "member_recall": len(members & carrying) / max(len(carrying), 1),
+        "region_covers_artifact": float((artifact.region & region_truth).sum() / max(region_truth.sum(), 1))
+        if region_truth is not None else None,
+    }  # fmt: skip
 
 
 def _save(model, path: Path) -> None:
@@ -144,55 +172,79 @@ def run_unlearn(
     unknown = [m for m in [settings["method"], *settings["compare_methods"]] if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown unlearn method {unknown[0]!r}; choose from {METHODS}")
+    if not 0 <= settings["holdout_fraction"] < 1:
+        raise ValueError(f"unlearn.holdout_fraction must be in [0, 1); got {settings['holdout_fraction']}")
     torch.manual_seed(settings["seed"])
     dataset = load_dataset(prepared)
     size = data["image_size"]
     normalize = Normalizer(data["mean"], data["std"])
     composite = composite_for(composite_name, normalize)
     model = build_model(model_params["arch"], len(dataset.classes), model_path).eval()
+    builtin = dataset.source == "builtin"
 
-    train_rows = dataset.split("train").reset_index(drop=True)
-    train_x = load_images(dataset.root, train_rows.path, size, progress=progress)
-    test_splits = ["test_clean", "test_as_trained", "test_attacked"] if dataset.source == "builtin" else ["test"]
-    splits = {}
-    for name in test_splits:
-        rows = dataset.split(name)
-        splits[name] = (load_images(dataset.root, rows.path, size), rows.label.to_numpy())
     try:
-        artifact, layer = _artifact(settings, model, spray_dir, store_dir, normalize, train_rows, train_x)
+        selections = select_strategies(spray_dir, settings["cluster"])
     except NothingFlagged as err:
         # a clean audit: the "cleaned" model is the model, so the re-audit and the comparison still run
-        poisoned = dataset.classes.index(dataset.poisoned_class) if dataset.poisoned_class else None
-        before = _evaluate(model, splits, _builtin_r_bias_data(dataset, poisoned, size), composite, normalize)
+        splits = _test_splits(dataset, size)
+        cues = [dataset.classes.index(a["class"]) for a in dataset.artifacts]
+        before = _evaluate(model, splits, _builtin_r_bias_data(dataset, cues, size), composite, normalize)
         _save(model, model_out)
-        metrics = {"method": settings["method"], "skipped": str(err), "artifact": None, "before": before,
-                   "after": before, "methods": {}}  # fmt: skip
+        metrics = {"method": settings["method"], "skipped": str(err), "artifact": None, "artifacts": [],
+                   "before": before, "after": before, "methods": {}}  # fmt: skip
         write_json(metrics_out, metrics)
         return metrics
 
-    # penalty masks: members their own; pasted images their source's (in the loop); the rest none, so an object
-    # that happens to lie where the artifact sits elsewhere keeps its relevance
-    masks = np.zeros((len(train_rows), size, size), dtype=bool)
-    member_pos = {s: i for i, s in enumerate(artifact.member_ids)}
-    member_index = np.array([i for i, s in enumerate(train_rows.sample_id) if s in member_pos], dtype=np.int64)
-    for i in member_index:
-        masks[i] = artifact.member_masks[member_pos[train_rows.sample_id.iloc[i]]]
+    train_rows = dataset.split("train").reset_index(drop=True)
+    train_x = load_images(dataset.root, train_rows.path, size, progress=progress)
+    splits = _test_splits(dataset, size)
+    layer = settings["cav_layer"] or feature_layer(model)
+    store = RelevanceStore(store_dir)
+    artifacts = [
+        _artifact(s, settings, model, layer, store, normalize, train_rows, train_x, holdout=not builtin)
+        for s in selections
+    ]
 
-    if dataset.source == "builtin":
-        r_bias_data = _builtin_r_bias_data(dataset, artifact.class_index, size)
+    # penalty masks: members their own; pasted images their source's (in the loop); the rest none, so an object
+    # that happens to lie where the artifact sits elsewhere keeps its relevance. Held-out members leave the data.
+    masks = np.zeros((len(train_rows), size, size), dtype=bool)
+    position = {s: i for i, s in enumerate(train_rows.sample_id)}
+    held_out = {s for a in artifacts for s in a.held_out}
+    for artifact in artifacts:
+        for member, mask in zip(artifact.member_ids, artifact.member_masks):
+            if member in position and member not in held_out:
+                masks[position[member]] = mask
+    keep = ~train_rows.sample_id.isin(held_out).to_numpy()
+    member_index = np.flatnonzero(masks[keep].any((1, 2)))
+
+    if builtin:
+        r_bias_data = _builtin_r_bias_data(dataset, [a.class_index for a in artifacts], size)
     else:
-        r_bias_data = (train_x[member_index], train_rows.label.to_numpy()[member_index], masks[member_index])
+        rows, held_masks = [], []
+        for artifact in artifacts:
+            mask_of = dict(zip(artifact.member_ids, artifact.member_masks))
+            rows += [position[s] for s in artifact.held_out]
+            held_masks += [mask_of[s] for s in artifact.held_out]
+        r_bias_data = (train_x[rows], train_rows.label.to_numpy()[rows], np.stack(held_masks)) if rows else None
 
     before = _evaluate(model, splits, r_bias_data, composite, normalize)
-    images = normalize(torch.from_numpy(train_x))
-    labels = torch.tensor(train_rows.label.to_numpy())
-    masks_t = torch.from_numpy(masks)
+    images = normalize(torch.from_numpy(train_x[keep]))
+    labels = torch.tensor(train_rows.label.to_numpy()[keep])
+    validation = None
+    if "val" in dataset.splits:
+        val = dataset.split("val")
+        validation = (normalize(torch.from_numpy(load_images(dataset.root, val.path, size))),
+                      torch.tensor(val.label.to_numpy()))  # fmt: skip
+    masks_t = torch.from_numpy(masks[keep])
+    cavs = [a.cav for a in artifacts]
     methods = list(dict.fromkeys([*settings["compare_methods"], settings["method"]]))
     results, chosen = {}, None
     for method in tqdm(methods, desc="methods", disable=not progress):
         started = time.perf_counter()
         if method == "p-clarc":
-            cleaned = fold_projection(model, layer, artifact.cav, artifact.cav_reference)
+            cleaned = model
+            for artifact in artifacts:
+                cleaned = fold_projection(cleaned, layer, artifact.cav, artifact.cav_reference)
             info = {"history": [], "diverged": False}
         else:
             config = UnlearnConfig(
@@ -209,8 +261,10 @@ def run_unlearn(
                 anchor=settings["anchor"],
                 composite=composite,
                 seed=settings["seed"],
+                stop_gap=settings["stop_gap"],
             )
-            cleaned, info = fine_tune(model, images, labels, masks_t, artifact, member_index, config, layer, progress)
+            cleaned, info = fine_tune(model, images, labels, masks_t, member_index, config, cavs, layer, progress,
+                                      validation)  # fmt: skip
         results[method] = {
             **_evaluate(cleaned, splits, r_bias_data, composite, normalize),
             "seconds": time.perf_counter() - started,
@@ -220,14 +274,28 @@ def run_unlearn(
         if method == settings["method"]:
             chosen = cleaned
     _save(chosen, model_out)
+    summaries = [{**a.summary(), "cav_layer": layer} for a in artifacts]
+    if builtin:
+        for summary, artifact in zip(summaries, artifacts):
+            summary.update(_score_artifact(dataset, artifact, size))
     metrics = {
         "method": settings["method"],
-        "artifact": {**artifact.summary(), "cav_layer": layer},
+        "artifact": summaries[0],
+        "artifacts": summaries,
+        "r_bias_on": "attacked test images, true masks" if builtin else "held-out members, automatic masks",
         "before": before,
         "after": {k: v for k, v in results[settings["method"]].items() if k != "history"},
         "methods": results,
     }
-    if dataset.source == "builtin":
-        metrics["artifact"].update(_score_artifact(dataset, artifact, size))
     write_json(metrics_out, metrics)
     return metrics
+
+
+def _test_splits(dataset: Dataset, size: int) -> dict:
+    """Every test split of the data set (built-in: clean, as trained, attacked per artifact; user data: test)."""
+    out = {}
+    for name in dataset.splits:
+        if name.startswith("test"):
+            rows = dataset.split(name)
+            out[name] = (load_images(dataset.root, rows.path, size), rows.label.to_numpy())
+    return out

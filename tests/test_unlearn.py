@@ -16,10 +16,10 @@ from pipeline.artifact import (
     build_region,
     feature_layer,
     pattern_cav,
-    select_cluster,
+    select_strategies,
 )
 from pipeline.models import small_cnn
-from pipeline.unlearn import UnlearnConfig, fine_tune, fold_projection
+from pipeline.unlearn import UnlearnConfig, fine_tune, fold_projection, step_function
 
 
 def _blob_maps(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -93,41 +93,120 @@ def test_a_diverging_fine_tune_stops_with_the_last_good_weights():
     images = torch.randn(64, 3, 32, 32)
     labels = torch.randint(0, 3, (64,))
     masks = torch.zeros(64, 32, 32, dtype=torch.bool)
-
-    class Artifact:
-        class_index, cav = 0, None
-
     config = UnlearnConfig(method="vanilla", optimizer="sgd", lr=1e30, epochs=3, batch_size=16, paste_fraction=0.0)
-    cleaned, info = fine_tune(model, images, labels, masks, Artifact(), np.array([], dtype=np.int64), config,
-                              progress=False)  # fmt: skip
+    cleaned, info = fine_tune(model, images, labels, masks, np.array([], dtype=np.int64), config, progress=False)
     assert info["diverged"]
     for name, value in cleaned.state_dict().items():
         assert torch.isfinite(value.float()).all(), name
         torch.testing.assert_close(value, model.state_dict()[name])
 
 
+def test_members_of_several_strategies_are_pasted_into_other_classes_only(monkeypatch):
+    """Two flagged strategies (classes 0 and 1): every pasted image gets a member's artifact from another class than
+    its own label, with that member's mask."""
+    from pipeline import unlearn
+
+    torch.manual_seed(0)
+    images = torch.zeros(60, 3, 16, 16)
+    labels = torch.tensor([0] * 20 + [1] * 20 + [2] * 20)
+    masks = torch.zeros(60, 16, 16, dtype=torch.bool)
+    members = np.array([0, 1, 2, 20, 21])
+    for i in members:
+        images[i] = 1.0 + labels[i]  # the source's class is readable from the pasted pixels
+        masks[i, :4, :4] = True
+    seen = []
+    real = unlearn.paste_artifact
+
+    def spy(targets, sources, m):
+        seen.append((sources[:, 0, 0, 0] - 1).long())
+        return real(targets, sources, m)
+
+    monkeypatch.setattr(unlearn, "paste_artifact", spy)
+    config = UnlearnConfig(method="vanilla", epochs=1, batch_size=12, paste_fraction=0.5, anchor=0.0)
+    batches = []
+    model = small_cnn(3).eval()
+    original = model.forward
+
+    def record(x):
+        batches.append(x.detach().clone())
+        return original(x)
+
+    monkeypatch.setattr(model, "forward", record)
+    fine_tune(model, images, labels, masks, members, config, progress=False)
+    assert seen and all(set(s.tolist()) <= {0, 1} for s in seen)
+    for batch, sources in zip(batches, seen):
+        pasted = batch[: len(sources)]
+        # a pasted image shows its source's value in the mask and zeros elsewhere; its label is another class
+        assert torch.equal(pasted[:, 0, 0, 0] - 1, sources.float())
+
+
+def test_rr_clarc_penalises_every_strategy_direction_and_p_clarc_folds_them_in_turn():
+    torch.manual_seed(0)
+    model = small_cnn(3).eval()
+    layer = feature_layer(model)
+    v = [torch.randn(128, dtype=torch.float64) for _ in range(2)]
+    v = [d / d.norm() for d in v]
+    config = UnlearnConfig(method="rr-clarc", composite="epsilon_plus")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    one = step_function(model, config, [v[0].numpy()], layer)(x, y, None)[1]
+    both = step_function(model, config, [d.numpy() for d in v], layer)(x, y, None)[1]
+    assert both > one > 0
+    model, x = model.double(), x.double()
+
+    def project(direction, reference):
+        def hook(module, inputs, out):
+            along = torch.einsum("bchw,c->bhw", out, direction)
+            return out - direction.view(1, -1, 1, 1) * (along - reference).unsqueeze(1)
+
+        return hook
+
+    # folding P_0 then P_1 into the classifier gives W P_0 P_1: the features meet P_1 first
+    pairs = list(zip(v, (0.3, -0.2)))[::-1]
+    handles = [dict(model.named_modules())[layer].register_forward_hook(project(d, r)) for d, r in pairs]
+    with torch.no_grad():
+        expected = model(x)
+    for handle in handles:
+        handle.remove()
+    folded = model
+    for d, r in zip(v, (0.3, -0.2)):
+        folded = fold_projection(folded, layer, d.numpy(), r)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-10, atol=1e-10)
+
+
 def _clusters(tmp_path, flagged: bool):
     frame = pd.DataFrame(
-        {"class_name": ["a", "a"], "class_index": [0, 0], "cluster": [0, 1], "ch_score": [0.4, 0.1],
-         "ch_rank": [1, 2], "flagged": [flagged, False]}
+        {"class_name": ["a", "a", "a", "b"], "class_index": [0, 0, 0, 1], "cluster": [0, 1, 2, 0],
+         "strategy": [1, 1, 0, 0], "ch_score": [9.0, 9.0, 0.0, 0.0], "ch_rank": [1, 1, 2, 3], "p_value": [1e-9] * 4,
+         "flagged": [flagged, flagged, False, False]}
     )  # fmt: skip
     frame.to_parquet(tmp_path / "clusters.parquet")
     (tmp_path / "members").mkdir()
-    for j, ids in ((0, ["x1", "x2"]), (1, [])):
-        (tmp_path / "members" / f"a__cluster{j}.json").write_text(json.dumps({"sample_ids": ids}))
+    for name, j, ids in (("a", 0, ["x1", "x2"]), ("a", 1, ["x3"]), ("a", 2, []), ("b", 0, ["y1"])):
+        (tmp_path / "members" / f"{name}__cluster{j}.json").write_text(json.dumps({"sample_ids": ids}))
 
 
-def test_cluster_selection_names_what_is_wrong(tmp_path):
+def test_strategy_selection_names_what_is_wrong(tmp_path):
     _clusters(tmp_path, flagged=False)
-    with pytest.raises(NothingFlagged, match="no cluster .* is flagged"):
-        select_cluster(tmp_path)
-    assert select_cluster(tmp_path, "a/0") == (0, "a", 0, ["x1", "x2"])
+    with pytest.raises(NothingFlagged, match="no strategy .* is flagged"):
+        select_strategies(tmp_path)
+    picked = select_strategies(tmp_path, "a/0")
+    assert [(s.class_index, s.class_name, s.clusters, s.member_ids) for s in picked] == [(0, "a", [0], ["x1", "x2"])]
+    picked = select_strategies(tmp_path, ["a/1", "b/0", "a/0"])
+    assert [(s.class_name, s.clusters, s.member_ids) for s in picked] == [("a", [0, 1], ["x1", "x2", "x3"]),
+                                                                        ("b", [0], ["y1"])]  # fmt: skip
     with pytest.raises(ArtifactError, match="has no members"):
-        select_cluster(tmp_path, "a/1")
+        select_strategies(tmp_path, "a/2")
     with pytest.raises(ArtifactError, match="must look like"):
-        select_cluster(tmp_path, "a")
+        select_strategies(tmp_path, "a")
     with pytest.raises(ArtifactError, match="is not a cluster"):
-        select_cluster(tmp_path, "b/0")
+        select_strategies(tmp_path, "c/0")
+
+
+def test_every_flagged_strategy_is_selected_with_all_its_clusters(tmp_path):
+    _clusters(tmp_path, flagged=True)
+    picked = select_strategies(tmp_path)
+    assert [(s.class_name, s.clusters, s.member_ids) for s in picked] == [("a", [0, 1], ["x1", "x2", "x3"])]
 
 
 @pytest.mark.slow
@@ -146,7 +225,7 @@ def test_rrr_lrp_unlearns_the_default_benchmarks_stamp(poisoned, tmp_path):
     )  # fmt: skip
     artifact = metrics["artifact"]
     assert artifact["class_name"] == "triangle" and artifact["member_precision"] > 0.95
-    assert artifact["region_covers_stamp"] > 0.8 and artifact["region_share"] < 0.15
+    assert artifact["region_covers_artifact"] > 0.8 and artifact["region_share"] < 0.15
     before, after = metrics["before"], metrics["after"]
     assert after["test_attacked_acc"] >= after["test_clean_acc"] - 0.03
     assert after["r_bias"] <= 0.3 * before["r_bias"]
