@@ -27,16 +27,27 @@ SHAPE_RADIUS = 4  # offsets (cells) kept: a quarter of the map, where the shape 
 MIN_COMPONENTS = 10
 
 
+SHAPE_CHUNK = 4096  # maps per FFT batch (memory: ~120 MB of spectra per chunk at the default size)
+
+
 def shape_view(maps: np.ndarray, size: int = SHAPE_SIZE, radius: int = SHAPE_RADIUS) -> np.ndarray:
-    """Translation-invariant shape of each map: the autocorrelation of its |R| share map, ``(N, (2r + 1)^2)``."""
-    pooled = np.abs(sum_pool(maps, min(size, maps.shape[1], maps.shape[2]))).astype(np.float64)
-    total = pooled.sum((1, 2), keepdims=True)
-    pooled /= np.where(total > 0, total, 1.0)
+    """Translation-invariant shape of each map: the autocorrelation of its |R| share map, ``(N, (2r + 1)^2)``.
+
+    Computed in chunks of ``SHAPE_CHUNK`` maps: the zero-padded spectra of all maps at once would hold ~30 KB per
+    map (3 GB at 100k maps) for an output of (2r + 1)^2 numbers each."""
+    pooled = np.abs(sum_pool(maps, min(size, maps.shape[1], maps.shape[2])))
     h, w = pooled.shape[1:]
-    spectrum = np.fft.rfft2(pooled, s=(2 * h, 2 * w))  # zero padded: a linear, not circular, correlation
-    correlation = np.fft.fftshift(np.fft.irfft2(np.abs(spectrum) ** 2, s=(2 * h, 2 * w)), axes=(1, 2))
     ry, rx = min(radius, h - 1), min(radius, w - 1)
-    return correlation[:, h - ry : h + ry + 1, w - rx : w + rx + 1].reshape(len(maps), -1)
+    out = np.empty((len(maps), (2 * ry + 1) * (2 * rx + 1)), dtype=np.float64)
+    for start in range(0, len(maps), SHAPE_CHUNK):
+        chunk = pooled[start : start + SHAPE_CHUNK].astype(np.float64)
+        total = chunk.sum((1, 2), keepdims=True)
+        chunk /= np.where(total > 0, total, 1.0)
+        spectrum = np.fft.rfft2(chunk, s=(2 * h, 2 * w))  # zero padded: a linear, not circular, correlation
+        correlation = np.fft.fftshift(np.fft.irfft2(np.abs(spectrum) ** 2, s=(2 * h, 2 * w)), axes=(1, 2))
+        window = correlation[:, h - ry : h + ry + 1, w - rx : w + rx + 1]
+        out[start : start + len(chunk)] = window.reshape(len(chunk), -1)
+    return out
 
 
 def _unit_variance(features: np.ndarray) -> np.ndarray:

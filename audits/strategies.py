@@ -121,9 +121,7 @@ class ClassGraph:
         return self.cut(a, b) / volume if volume > 0 else np.nan
 
 
-def _fiedler_cuts(
-    affinity: sp.csr_matrix, counts: np.ndarray, depth: int, min_side: int
-) -> list[tuple[float, float]]:
+def _fiedler_cuts(affinity: sp.csr_matrix, counts: np.ndarray, depth: int, min_side: int) -> list[tuple[float, float]]:
     """(log n, log phi) of the Fiedler cut of this graph and, down to ``depth`` levels, of each of its sides."""
     if counts.sum() < 2 * min_side or affinity.shape[0] < 3:
         return []

@@ -51,16 +51,30 @@ def _cases() -> dict[str, dict]:
     for kind in ("stamp", "frame"):
         cases[f"resnet18/{kind}"] = {"data": "builtin", "arch": "resnet18",
                                      "artifacts": [{"class": "triangle", "kind": kind, "fraction": 0.3}]}  # fmt: skip
-    cases["small_cnn/stamp+frame"] = {"data": "builtin", "arch": "small_cnn", "artifacts": [
-        {"class": "triangle", "kind": "stamp", "fraction": 0.3}, {"class": "disk", "kind": "frame", "fraction": 0.3}]}
+    cases["small_cnn/stamp+frame"] = {
+        "data": "builtin",
+        "arch": "small_cnn",
+        "artifacts": [
+            {"class": "triangle", "kind": "stamp", "fraction": 0.3},
+            {"class": "disk", "kind": "frame", "fraction": 0.3},
+        ],
+    }
     for kind in ("watermark", "frame", "noise_patch", "stamp"):
         cases[f"photo/{kind}"] = {"data": "photo", "arch": "small_cnn",
                                   "artifacts": [{"class": "two", "kind": kind, "fraction": 0.4}]}  # fmt: skip
     for seed in range(5):
-        cases[f"clean/builtin/{seed}"] = {"data": "builtin", "arch": "small_cnn", "seed": seed,
-                                          "artifacts": [{"class": "triangle", "kind": "stamp", "fraction": 0.0}]}
-        cases[f"clean/photo/{seed}"] = {"data": "photo", "arch": "small_cnn", "seed": seed,
-                                        "artifacts": [{"class": "two", "kind": "stamp", "fraction": 0.0}]}
+        cases[f"clean/builtin/{seed}"] = {
+            "data": "builtin",
+            "arch": "small_cnn",
+            "seed": seed,
+            "artifacts": [{"class": "triangle", "kind": "stamp", "fraction": 0.0}],
+        }
+        cases[f"clean/photo/{seed}"] = {
+            "data": "photo",
+            "arch": "small_cnn",
+            "seed": seed,
+            "artifacts": [{"class": "two", "kind": "stamp", "fraction": 0.0}],
+        }
     return cases
 
 

@@ -62,8 +62,9 @@ FAMILY = {
     },
     "components": {
         "strong3": P(shares=(0.6, 0.25, 0.15), weight=(0.85, 0.95), noise=0.05),
-        "strong4": P(shares=(0.55, 0.25, 0.12, 0.08), cues=("none", "region", "corner", "frame"),
-                     weight=(0.85, 0.95), noise=0.05),  # fmt: skip
+        "strong4": P(
+            shares=(0.55, 0.25, 0.12, 0.08), cues=("none", "region", "corner", "frame"), weight=(0.85, 0.95), noise=0.05
+        ),  # fmt: skip
     },
     "duplicates": {f"dup{v}": P(duplicates=v) for v in (0.1, 0.3)},
     "zeros": {f"zeros{v}": P(zeros=v) for v in (0.02, 0.05)},

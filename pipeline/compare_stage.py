@@ -46,7 +46,7 @@ def _keys(figures: dict) -> list[str]:
 def _label(key: str) -> str:
     if key in LABELS:
         return LABELS[key]
-    return f"test attacked accuracy ({key[len('test_attacked_'):-len('_acc')]} artifact on every image)"
+    return f"test attacked accuracy ({key[len('test_attacked_') : -len('_acc')]} artifact on every image)"
 
 
 def _read(path: Path) -> dict:
@@ -103,8 +103,14 @@ def _page(metrics, unlearn, spray, store_before, store_after, prepared, n_exempl
     artifacts = metrics["artifacts"] or ([metrics["artifact"]] if metrics["artifact"] else [])
     if not artifacts:
         page = Page("Un-learning: nothing to un-learn")
-        page.add(tag("header", tag("h1", page.title), tag("p", unlearn.get("skipped", "")),
-                     tag("p", "The audit flagged no strategy, so the model was left as it is: before = after.")))
+        page.add(
+            tag(
+                "header",
+                tag("h1", page.title),
+                tag("p", unlearn.get("skipped", "")),
+                tag("p", "The audit flagged no strategy, so the model was left as it is: before = after."),
+            )
+        )
         page.add(section("Before and after (the same model)", _summary_table(metrics), anchor="summary"))
         return page.render()
     names = ", ".join(f"{a['class_name']} (clusters {', '.join(map(str, a.get('clusters', [a['cluster']])))})"
@@ -112,7 +118,8 @@ def _page(metrics, unlearn, spray, store_before, store_after, prepared, n_exempl
     page = Page(f"Un-learning {names}: before and after")
     described = "; ".join(
         f"{a['class_name']}: {a['n_members']} members ({a.get('n_held_out', 0)} held out), region of "
-        f"{a['region_pixels']} px" for a in artifacts
+        f"{a['region_pixels']} px"
+        for a in artifacts
     )
     page.add(tag("header", tag("h1", page.title),
                  tag("p", f"method {metrics['method']}; concept direction in layer {artifacts[0]['cav_layer']}; "
@@ -130,8 +137,11 @@ def _page(metrics, unlearn, spray, store_before, store_after, prepared, n_exempl
             join(
                 [
                     table(heading, method_rows),
-                    tag("p", f"Accuracies on the test splits; R_bias on {metrics.get('r_bias_on') or 'artifacts'}.",
-                        class_="help"),  # fmt: skip
+                    tag(
+                        "p",
+                        f"Accuracies on the test splits; R_bias on {metrics.get('r_bias_on') or 'artifacts'}.",
+                        class_="help",
+                    ),  # fmt: skip
                 ]
             ),
             anchor="methods",

@@ -61,8 +61,11 @@ def benchmark_config(params: dict) -> BenchmarkConfig:
     return BenchmarkConfig(
         seed=data["seed"],
         image_size=data["image_size"],
-        per_class={"train": builtin["per_class_train"], "val": builtin["per_class_val"],
-                   "test": builtin["per_class_test"]},  # fmt: skip
+        per_class={
+            "train": builtin["per_class_train"],
+            "val": builtin["per_class_val"],
+            "test": builtin["per_class_test"],
+        },  # fmt: skip
         artifacts=_artifacts(builtin["artifacts"]),
         artifact_size=builtin["artifact_size"],
     )

@@ -198,25 +198,6 @@ def _background(size: int, rng: np.random.Generator, noise: float) -> np.ndarray
     return image
 
 
-def _background(size: int, rng: np.random.Generator, noise: float) -> np.ndarray:
-    """Smooth colour blobs plus stripes plus pixel noise: texture the model has to see through."""
-    base = rng.uniform(0.2, 0.8, size=3)
-    coarse = rng.normal(0, 0.12, size=(6, 6, 3))
-    blobs = (
-        np.asarray(
-            Image.fromarray(((coarse + 0.5).clip(0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-            dtype=np.float64,
-        )
-        / 255.0
-        - 0.5
-    )
-    yy, xx = np.mgrid[0:size, 0:size]
-    theta, freq = rng.uniform(0, math.pi), rng.uniform(0.15, 0.5)
-    stripes = 0.06 * np.sin(freq * (xx * math.cos(theta) + yy * math.sin(theta)) + rng.uniform(0, 2 * math.pi))
-    image = base + blobs + stripes[..., None] + rng.normal(0, noise, size=(size, size, 3))
-    return image
-
-
 def _render(label: int, config: BenchmarkConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """An image without artifact (float RGB, unclipped) and its object coverage in [0, 1]."""
     size = config.image_size

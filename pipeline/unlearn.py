@@ -50,7 +50,7 @@ class UnlearnConfig:
     optimizer: str = "adam"  # adam (AdamW, the optimiser the model was trained with) or sgd (with momentum)
     weight: float = 1.0  # lambda
     anchor: float = 1.0  # KL to the original model's outputs on samples without an artifact
-    paste_fraction: float = 0.25
+    paste_fraction: float = 0.5
     composite: object = "epsilon_plus_flat"  # a name, or a Composite (epsilon_gamma_box needs its bounds)
     seed: int = 0
     stop_gap: float = 0.02  # stop once validation accuracy with the artifacts pasted is this close to without

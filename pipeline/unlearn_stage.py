@@ -53,7 +53,7 @@ UNLEARN_DEFAULTS = {
     "momentum": 0.9,
     "optimizer": "adam",
     "lambda": {"rrr-lrp": 50.0, "rrr": 50.0, "rr-clarc": 50.0},
-    "paste_fraction": 0.25,
+    "paste_fraction": 0.5,
     "anchor": 2.0,
     "region_sigma": 1.5,
     "region_threshold": 0.2,

@@ -66,8 +66,12 @@ def synthetic_view(
                 stats={"distance_from_rest": 0.3, "moved_concentration": 0.5, "misclassified_share": 0.0},
                 members={"json": f"../spray/members/c{c}__cluster{j}.json"},
                 strategy=j,
-                evidence={"conductance": 0.001 if (c, j) == (0, 1) else 0.09, "null_conductance": 0.09,
-                          "p_value": 1e-12 if (c, j) == (0, 1) else 0.5, "relevance_gain": 2.5},  # fmt: skip
+                evidence={
+                    "conductance": 0.001 if (c, j) == (0, 1) else 0.09,
+                    "null_conductance": 0.09,
+                    "p_value": 1e-12 if (c, j) == (0, 1) else 0.5,
+                    "relevance_gain": 2.5,
+                },  # fmt: skip
             )
             for j in range(k)
         ]
