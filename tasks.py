@@ -2,7 +2,9 @@
 """Set up and run spray-audit on a machine that has only Python 3.
 
     python3 tasks.py audit   # create .venv, install the project, `dvc repro` the audit on the built-in default
-    python3 tasks.py test    # create .venv, install the project with its test extra, run ruff and pytest
+    python3 tasks.py test    # create .venv, install the project with its test extra, run ruff and pytest (CI:
+                             # every test but the `slow` acceptance runs, about 20 minutes on 2 cores)
+    python3 tasks.py acceptance  # the same with the `slow` tests too (about 45 minutes on 2 cores)
 
 The virtual environment is reused while pyproject.toml and constraints.txt are unchanged.
 """
@@ -52,16 +54,20 @@ def audit() -> None:
     _run(VENV / "bin" / "dvc", "metrics", "show")
 
 
-def test() -> None:
+def test(markers: str = "not slow") -> None:
     ensure_environment("test")
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser")):
         print("note: no Chromium; the report's browser tests will skip (apt-get install chromium)", flush=True)
     _run(PYTHON, "-m", "ruff", "check", ".")
-    _run(PYTHON, "-m", "pytest", "-q", "tests")
+    _run(PYTHON, "-m", "pytest", "-q", "tests", *(["-m", markers] if markers else []))
+
+
+def acceptance() -> None:
+    test(markers="")
 
 
 def main() -> None:
-    commands = {"audit": audit, "test": test}
+    commands = {"audit": audit, "test": test, "acceptance": acceptance}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
         sys.exit(f"usage: python3 {Path(__file__).name} {{{'|'.join(commands)}}}")
     try:

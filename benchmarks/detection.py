@@ -86,6 +86,7 @@ def _params(case: dict, work: Path) -> dict:
     params["model"]["arch"] = case["arch"]
     params["spray"]["embeddings"] = []
     params["unlearn"]["compare_methods"] = []
+    params["attribute"]["num_workers"] = 0  # cases run side by side on a many-core machine: no loader processes
     if case["data"] == "builtin":
         params["data"]["root"] = str(work / "builtin")
         params["builtin"]["artifacts"] = case["artifacts"]
@@ -105,7 +106,6 @@ def _attacked_accuracy(case, work, dataset, model_path, params) -> dict[str, flo
     """Accuracy with each artifact on every test image, per artifact class (``<class>``), and the share of the
     other classes' attacked images predicted as that class (``<class>/as_class``; a model that never saw the cue
     still loses accuracy to it, but does not send the images to one class)."""
-    import torch
 
     from pipeline.datasets import load_images
     from pipeline.models import build_model
@@ -114,7 +114,6 @@ def _attacked_accuracy(case, work, dataset, model_path, params) -> dict[str, flo
     size = params["data"]["image_size"]
     normalize = Normalizer(params["data"]["mean"], params["data"]["std"])
     model = build_model(case["arch"], len(dataset.classes), model_path).eval()
-    torch.set_num_threads(2)
     out = {}
     for i, artifact in enumerate(case["artifacts"]):
         if case["data"] == "builtin":

@@ -2,7 +2,9 @@
 # The GPU checks of the project in one short run (a lent H100/H200 has torch, torchvision and scikit-learn; zennit
 # travels as a wheel in .whl/). Writes each benchmark's JSON to $OUT (or ./gpu-results).
 #   bash benchmarks/gpu_checks.sh                  # everything
-#   bash benchmarks/gpu_checks.sh beyond_cnn       # one section: lrp, unlearn, evaluation, beyond_cnn
+#   bash benchmarks/gpu_checks.sh beyond_cnn       # one section: lrp, unlearn, evaluation, beyond_cnn, detection
+# detection (not in "everything"): the cases of benchmarks/detection.py side by side on the machine's cores
+# (training and un-learning on the CPU, attribution on the GPU); DETECTION_CASES lists "threads:case" entries.
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -36,6 +38,19 @@ for section in $SECTIONS; do
                 --hidden 256 --samples 262144 --features 64 --fit-samples 1200 --clusters 32 --reference-samples 2 \
                 2>&1 | tee "$OUT/beyond_cnn_cuda_${dtype}.json"
         done
+        ;;
+    detection)
+        mkdir -p /tmp/detection
+        for entry in ${DETECTION_CASES:-3:resnet18/stamp 3:resnet18/frame 1:small_cnn/tint 1:small_cnn/background}; do
+            threads=${entry%%:*}; case_name=${entry#*:}
+            OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads timeout "${DETECTION_TIMEOUT:-470}" \
+                python3 benchmarks/detection.py --work /tmp/detection --cases "$case_name" \
+                >"/tmp/detection/log_${case_name//\//__}.txt" 2>&1 &
+        done
+        wait
+        tail -n 3 /tmp/detection/log_*.txt
+        (cd /tmp/detection && tar czf "$OUT/detection.tgz" log_*.txt */result.json */unlearn.json */train.json \
+            */spray.json */spray/strategies.json 2>/dev/null)
         ;;
     *) echo "unknown section: $section" >&2; exit 2 ;;
     esac

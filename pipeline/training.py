@@ -36,7 +36,9 @@ class Normalizer:
             raise ValueError(f"data.std must be positive; got {std}")
 
     def __call__(self, images: Tensor) -> Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
+        # on the images' device: the attribute stage normalizes batches already moved to the GPU
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return (images.float() / 255.0 - mean) / std
 
 
 def composite_for(name: str, normalize: Normalizer):

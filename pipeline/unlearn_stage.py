@@ -45,7 +45,7 @@ __all__ = ["UNLEARN_DEFAULTS", "run_unlearn"]
 REST_SAMPLE = 500  # maps of the rest of the class that set the baseline of the artifact region
 UNLEARN_DEFAULTS = {
     "method": "rrr-lrp",
-    "compare_methods": list(METHODS),  # also fine-tuned and scored, for the comparison table ([] to skip)
+    "compare_methods": ["vanilla", "p-clarc"],  # also scored: the control and the training-free fix ([] to skip)
     "cluster": None,  # null: every flagged strategy; or "<class name>/<cluster>", or a list of them
     "epochs": 3,  # the most; each method stops early on validation (stop_gap)
     "batch_size": 32,

@@ -77,6 +77,14 @@ def test_training_is_deterministic():
     assert histories[0] == histories[1]
 
 
+def test_normalizer_follows_the_images_device():
+    # the attribute stage moves uint8 batches to the GPU before normalising: the constants must follow them
+    # ("meta" stands in for "cuda" on a machine without one: mixing devices fails the same way)
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta")
+    out = Normalizer([0.5] * 3, [0.25] * 3)(images)
+    assert out.device.type == "meta" and out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
+
+
 def test_cli_help_and_one_line_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--metrics-out" in out.stdout and "--params" in out.stdout

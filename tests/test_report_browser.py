@@ -87,7 +87,6 @@ def test_default_report_renders_offline_in_chromium(poisoned):
         assert log.errors == [] and log.blocked == [] and log.dialogs == []
 
 
-@pytest.mark.slow
 def test_hostile_names_show_as_text_in_the_browser(tmp_path):
     view = synthetic_view(
         2, 40, names=[HOSTILE, "<script>alert(3)</script>"], id_prefix="<img src=y onerror=alert(2)>", hover=40

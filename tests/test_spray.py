@@ -43,6 +43,7 @@ def test_planted_strategies_are_recovered_with_the_right_k(n):
     assert set(spray.labels_by_k_) == set(range(2, 9))
 
 
+@pytest.mark.slow
 def test_approximate_neighbours_for_large_n_give_the_same_answer():
     maps, truth = planted(3000, seed=1)
     spray = SpRAy(random_state=0, embeddings=(), approximate=True, stability_seeds=0).fit(maps)
