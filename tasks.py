@@ -3,7 +3,7 @@
 
     python3 tasks.py audit   # create .venv, install the project, `dvc repro` the audit on the built-in default
     python3 tasks.py test    # create .venv, install the project with its test extra, run ruff and pytest (CI:
-                             # every test but the `slow` acceptance runs, about 20 minutes on 2 cores)
+                             # every test but the `slow` acceptance runs, about 18 minutes on 2 cores)
     python3 tasks.py acceptance  # the same with the `slow` tests too (about 45 minutes on 2 cores)
 
 The virtual environment is reused while pyproject.toml and constraints.txt are unchanged.
@@ -59,7 +59,7 @@ def test(markers: str = "not slow") -> None:
     if not any(shutil.which(b) for b in ("chromium", "chromium-browser")):
         print("note: no Chromium; the report's browser tests will skip (apt-get install chromium)", flush=True)
     _run(PYTHON, "-m", "ruff", "check", ".")
-    _run(PYTHON, "-m", "pytest", "-q", "tests", *(["-m", markers] if markers else []))
+    _run(PYTHON, "-m", "pytest", "-q", "--durations=10", "tests", *(["-m", markers] if markers else []))
 
 
 def acceptance() -> None:

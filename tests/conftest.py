@@ -64,8 +64,9 @@ def generator():
     return torch.Generator().manual_seed(0)
 
 
-def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
-    """The default pipeline (tSNE only, to save time) into ``tmp``: prepare, train, attribute, spray, report."""
+def run_default_benchmark(tmp: Path, stamp_fraction: float, overrides: dict | None = None) -> dict:
+    """The default pipeline (tSNE only, to save time) into ``tmp``: prepare, train, attribute, spray, report.
+    ``overrides`` ({section: {key: value}}) shrink it for tests that need a pipeline's outputs, not its results."""
     from pipeline import stages
     from pipeline.attribute import run_attribute
     from pipeline.evaluate_stage import run_evaluate
@@ -76,6 +77,8 @@ def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
     params["data"]["root"] = None  # generate the built-in data into tmp
     params["builtin"]["artifacts"] = [{"class": "triangle", "kind": "stamp", "fraction": stamp_fraction}]
     params["spray"]["embeddings"] = ["tsne"]
+    for section, values in (overrides or {}).items():
+        params[section].update(values)
     stages.prepare(params, tmp / "prepared", progress=False)
     train = stages.train(params, tmp / "prepared", tmp / "model.pt", tmp / "train.json", tmp / "c.csv", progress=False)
     run_attribute(params, tmp / "prepared", tmp / "model.pt", tmp / "store", progress=False)
@@ -93,6 +96,13 @@ def run_default_benchmark(tmp: Path, stamp_fraction: float) -> dict:
 def poisoned(tmp_path_factory):
     """The default benchmark with its planted stamp (about two minutes)."""
     return run_default_benchmark(tmp_path_factory.mktemp("poisoned"), 0.3)
+
+
+@pytest.fixture(scope="session")
+def small_benchmark(tmp_path_factory):
+    """The default pipeline on 60 training images per class and 2 epochs (seconds): real outputs of every stage."""
+    small = {"builtin": {"per_class_train": 60, "per_class_val": 10, "per_class_test": 10}, "train": {"epochs": 2}}
+    return run_default_benchmark(tmp_path_factory.mktemp("small"), 0.3, small)
 
 
 @pytest.fixture(scope="session")

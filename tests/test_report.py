@@ -101,6 +101,7 @@ def test_picture_budget_shrinks_with_the_number_of_classes():
     assert picture_quotas(5000, 40000, REPORT_DEFAULTS) == (0, 1)
 
 
+@pytest.mark.slow
 def test_report_stage_on_the_default_benchmark(poisoned, tmp_path):
     root, params = poisoned["dir"], poisoned["params"]
     report = root / "reports" / "audit.html"
@@ -133,8 +134,8 @@ def test_report_stage_on_the_default_benchmark(poisoned, tmp_path):
     assert "showing" in html and "of 500 samples" in html
 
 
-def test_report_stage_names_what_is_missing(poisoned, tmp_path):
-    root, params = poisoned["dir"], poisoned["params"]
+def test_report_stage_names_what_is_missing(small_benchmark, tmp_path):
+    root, params = small_benchmark["dir"], small_benchmark["params"]
     spray = tmp_path / "spray"
     shutil.copytree(root / "spray", spray)
     (spray / "classes.json").unlink()
