@@ -4,7 +4,7 @@
     python3 tasks.py audit   # create .venv, install the project, `dvc repro` the audit on the built-in default
     python3 tasks.py test    # create .venv, install the project with its test extra, run ruff and pytest (CI:
                              # every test but the `slow` acceptance runs, about 18 minutes on 2 cores)
-    python3 tasks.py acceptance  # the same with the `slow` tests too (about 45 minutes on 2 cores)
+    python3 tasks.py acceptance  # the same with the `slow` tests too (about 33 minutes on 2 cores)
 
 The virtual environment is reused while pyproject.toml and constraints.txt are unchanged.
 """
