@@ -106,7 +106,6 @@ def _attacked_accuracy(case, work, dataset, model_path, params) -> dict[str, flo
     """Accuracy with each artifact on every test image, per artifact class (``<class>``), and the share of the
     other classes' attacked images predicted as that class (``<class>/as_class``; a model that never saw the cue
     still loses accuracy to it, but does not send the images to one class)."""
-
     from pipeline.datasets import load_images
     from pipeline.models import build_model
     from pipeline.training import Normalizer, accuracy, predict
