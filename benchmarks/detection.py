@@ -32,6 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from sklearn.metrics import adjusted_rand_score
@@ -137,7 +138,6 @@ def run_case(name: str, case: dict, work: Path) -> dict:
     from pipeline.datasets import load_dataset
     from pipeline.photo_digits import PhotoDigitsConfig, write_photo_digits
     from pipeline.spray_stage import run_spray
-    from pipeline.unlearn_stage import run_unlearn
 
     work.mkdir(parents=True, exist_ok=True)
     params = _params(case, work)
@@ -176,17 +176,89 @@ def run_case(name: str, case: dict, work: Path) -> dict:
             "conductance": row.conductance, "relevance_gain": row.relevance_gain,
         }  # fmt: skip
     result["spray"] = {k: v for k, v in spray.items() if k != "artifacts"}
-    if result["flagged_strategies"] and any(a["fraction"] > 0 for a in case["artifacts"]):
-        run_unlearn(params, work / "prepared", work / "model.pt", work / "store", work / "spray",
-                    work / "model_cleaned.pt", work / "unlearn.json", progress=False)  # fmt: skip
-        after = _attacked_accuracy(case, work, dataset, work / "model_cleaned.pt", params)
-        result["unlearn"] = {"before": before, "after": after}
-        for cls, figures in result["artifacts"].items():
-            figures["after_attacked_gap"] = after["clean"] - after[cls]
-            figures["clean_change"] = after["clean"] - before["clean"]
-            figures["unlearned"] = figures["after_attacked_gap"] <= 0.05 and figures["clean_change"] >= -0.02
+    _unlearn(case, params, work, dataset, result, before)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _unlearn(case: dict, params: dict, work: Path, dataset, result: dict, before: dict) -> None:
+    """Un-learn every flagged strategy (rrr-lrp, the defaults) and score the cleaned model into ``result``."""
+    from pipeline.unlearn_stage import run_unlearn
+
+    if not result["flagged_strategies"] or not any(a["fraction"] > 0 for a in case["artifacts"]):
+        return
+    run_unlearn(params, work / "prepared", work / "model.pt", work / "store", work / "spray",
+                work / "model_cleaned.pt", work / "unlearn.json", progress=False)  # fmt: skip
+    after = _attacked_accuracy(case, work, dataset, work / "model_cleaned.pt", params)
+    result["unlearn"] = {"before": before, "after": after}
+    for cls, figures in result["artifacts"].items():
+        figures["after_attacked_gap"] = after["clean"] - after[cls]
+        figures["clean_change"] = after["clean"] - before["clean"]
+        figures["unlearned"] = figures["after_attacked_gap"] <= 0.05 and figures["clean_change"] >= -0.02
+
+
+def rerun_unlearning(case: dict, work: Path, result: dict) -> dict:
+    """Un-learn again on a cached case (its model, store and audit kept): for changes to the un-learning alone."""
+    from pipeline.datasets import load_dataset
+
+    params = _params(case, work)
+    dataset = load_dataset(work / "prepared")
+    before = _attacked_accuracy(case, work, dataset, work / "model.pt", params)
+    started = time.perf_counter()
+    _unlearn(case, params, work, dataset, result, before)
+    result["unlearn_seconds"] = time.perf_counter() - started
+    return result
+
+
+def never_saw_the_cue(cases: dict, work: Path) -> dict[str, dict[str, float]]:
+    """The clean-trained control (clean/builtin/0: same seed, so the same images without any cue) on each cached
+    built-in small_cnn case's attacked test split: how much of an attacked gap is corruption, not shortcut."""
+    from pipeline.datasets import load_dataset
+
+    control = work / "clean__builtin__0" / "model.pt"
+    out = {}
+    for name, case in cases.items():
+        folder = work / name.replace("/", "__")
+        if case["data"] != "builtin" or case["arch"] != "small_cnn" or name.startswith("clean/"):
+            continue
+        if not control.is_file() or not (folder / "prepared").is_dir():
+            continue
+        params = _params(case, folder)
+        figures = _attacked_accuracy(case, folder, load_dataset(folder / "prepared"), control, params)
+        out[name] = {a["class"]: round(figures["clean"] - figures[a["class"]], 3) for a in case["artifacts"]}
+    return out
+
+
+def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]:
+    """Every class of a cached case re-fitted with the defaults: per k, each cluster's size, -log10 p of its cut
+    under the audit's null (pooled over the classes, as the spray stage does) and its ARI with the planted cue."""
+    from audits import SpRAy
+    from audits.strategies import NullModel
+    from pipeline.datasets import load_dataset
+    from pipeline.relevance_store import RelevanceStore
+
+    dataset, store = load_dataset(work / "prepared"), RelevanceStore(work / "store")
+    table, truth = store.table(), _truth(case, work, dataset)
+    fits, cues = {}, {}
+    for index, name in enumerate(dataset.classes):
+        rows = table[table.label == index].sort_values("index")
+        fits[name] = SpRAy(random_state=0, embeddings=()).fit(store.open()["heatmap"].oindex[rows["index"].to_numpy()])
+        cues[name] = (truth.loc[rows.sample_id].to_numpy() != "").astype(int)
+    null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_log_conductances_])
+    out = {}
+    for name, fit in fits.items():
+        out[name] = {}
+        for k, labels in sorted(fit.labels_by_k_.items()):
+            if k > k_max:
+                break
+            cells = []
+            for cluster in range(k):
+                inside = labels == cluster
+                p = null.p_value(fit.graph_.conductance(inside, ~inside), min(inside.sum(), (~inside).sum()))
+                ari = adjusted_rand_score(cues[name], inside) if cues[name].any() else 0.0
+                cells.append([int(inside.sum()), round(-np.log10(max(p, 1e-300)), 1), round(ari, 2)])
+            out[name][f"k={k}"] = cells
+    return out
 
 
 def summarize(results: dict[str, dict]) -> dict:
@@ -224,9 +296,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "detection")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--fresh", action="store_true", help="Ignore cached results.")
+    parser.add_argument("--unlearn-only", action="store_true",
+                        help="Cached cases: keep model, store and audit; un-learn and score again.")  # fmt: skip
+    parser.add_argument("--never-saw-the-cue", action="store_true",
+                        help="The clean-trained control's attacked gap on each cached built-in case.")  # fmt: skip
+    parser.add_argument("--k-scan", metavar="CASE", help="Per class and k: cluster size, -log10 p, ARI with the cue.")
     args = parser.parse_args()
+    if args.k_scan:
+        print(json.dumps(k_scan(cases[args.k_scan], args.work / args.k_scan.replace("/", "__"))))
+        return
     if args.list:
         print("\n".join(cases))
+        return
+    if args.never_saw_the_cue:
+        print(json.dumps(never_saw_the_cue(cases, args.work), indent=2))
         return
     chosen = [n for n in cases if not args.cases or any(n == c or n.startswith(c) for c in args.cases)]
     results = {}
@@ -234,7 +317,13 @@ def main() -> None:
         folder = args.work / name.replace("/", "__")
         cached = folder / "result.json"
         spec = json.dumps(cases[name], sort_keys=True)
-        if cached.is_file() and not args.fresh and json.loads(cached.read_text()).get("spec") == spec:
+        valid = cached.is_file() and not args.fresh and json.loads(cached.read_text()).get("spec") == spec
+        if valid and args.unlearn_only and (folder / "store").is_dir():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results[name] = rerun_unlearning(cases[name], folder, json.loads(cached.read_text()))
+            cached.write_text(json.dumps(results[name], indent=2, default=float))
+        elif valid:
             results[name] = json.loads(cached.read_text())
         else:
             shutil.rmtree(folder, ignore_errors=True)

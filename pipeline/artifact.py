@@ -6,6 +6,10 @@ Per flagged strategy (a group of one class's clusters; ``audits.strategies``):
 - region: where the members' relevance moved: their mean |R| share map minus the rest of the class's (each map
   L1-normalised, positive part), Gaussian-smoothed and thresholded at a share of its maximum; per-member masks
   follow the cue where it moves (the member's own smoothed |R| above the same share, inside the dilated region);
+- fixed content: pixels where the members' *images* agree with each other far more than the rest of the class's
+  do, next to the region: the part of a cue that sits at one place with one look (a frame), added whole to every
+  member's mask, since relevance need not reach all of it (a frame's bottom edge got almost none, and un-learning
+  three sides of it left the fourth: attacked gap 10 points, 1 with the whole frame);
 - concept direction: a pattern CAV in the last feature map (the input of the global pooling), from spatially
   max-pooled activations: cov(a, t) / var(t) with t = 1 for members and 0 for the rest of the class, which for a
   binary t is the difference of the two class-conditional means (Haufe et al.'s "signal" estimate), unit length.
@@ -23,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 from torch import nn
 
 __all__ = [
@@ -36,7 +40,10 @@ __all__ = [
     "feature_layer",
     "pattern_cav",
     "paste_artifact",
+    "fixed_content",
 ]
+
+FIXED_CONTENT_ALPHA = 0.05  # per class, Bonferroni over the pixels: the chance that a pixel is called fixed by luck
 
 
 class ArtifactError(ValueError):
@@ -69,6 +76,7 @@ class ArtifactModel:
     cav: np.ndarray | None = None  # (C,) unit vector in the feature layer
     cav_reference: float | None = None  # mean projection of non-members on the CAV
     held_out: list[str] = field(default_factory=list)  # members kept out of fine-tuning (R_bias is measured there)
+    fixed_pixels: int = 0  # pixels of fixed content (``fixed_content``) added to the region and every member mask
 
     @property
     def name(self) -> str:
@@ -84,6 +92,7 @@ class ArtifactModel:
             "n_held_out": len(self.held_out),
             "region_pixels": int(self.region.sum()),
             "region_share": float(self.region.mean()),
+            "fixed_pixels": self.fixed_pixels,
             "exemplar_ids": self.member_ids[:: max(1, len(self.member_ids) // 6)][:6],
         }
 
@@ -172,6 +181,32 @@ def build_region(
     masks = (smooth >= threshold * smooth.max((1, 2), keepdims=True)) & around
     masks[~masks.any((1, 2))] = region  # a member whose own map misses the region falls back to it
     return region, mean, masks
+
+
+def fixed_content(
+    member_images: np.ndarray, rest_images: np.ndarray, near: np.ndarray, alpha: float = FIXED_CONTENT_ALPHA
+) -> np.ndarray:
+    """(H, W) bool: pixels whose content the members share and the rest of the class does not, touching ``near``.
+
+    Per pixel, the members' variance (over images, channel-averaged) against the rest's is tested in the lower
+    tail of F(n_members - 1, n_rest - 1) at ``alpha`` / pixels (Bonferroni; channels counted once, which is
+    conservative). A pixel constant in the whole class is not fixed *content* (both variances are floored at
+    1e-4, a standard deviation of 1% of the range). Only connected components that touch ``near`` (the dilated
+    relevance region) are kept: a cue is where the relevance is, at least in part.
+    """
+    if len(member_images) < 3 or len(rest_images) < 3:
+        return np.zeros(near.shape, dtype=bool)
+    scale = 255.0 if member_images.dtype == np.uint8 else 1.0
+
+    def variance(images: np.ndarray) -> np.ndarray:
+        return (images.astype(np.float64) / scale).var(0, ddof=1).mean(0) + 1e-4  # (H, W)
+
+    ratio = variance(member_images) / variance(rest_images)
+    p_value = stats.f.cdf(ratio, len(member_images) - 1, len(rest_images) - 1)
+    fixed = p_value < alpha / p_value.size
+    labels, n = ndimage.label(fixed)
+    touching = np.unique(labels[fixed & near])
+    return np.isin(labels, touching[touching > 0])
 
 
 def feature_layer(model: nn.Module) -> str:

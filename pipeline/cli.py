@@ -162,12 +162,24 @@ def attribute(
     "--out", "spray/original", "Output folder (samples.parquet, clusters.parquet, members/, ...).", folder=True
 )
 @path_option("--metrics-out", "metrics/spray_original.json", "Metrics JSON.")
+@click.option(
+    "--embeddings/--no-embeddings",
+    default=True,
+    show_default=True,
+    help="Compute spray.embeddings (t-SNE/UMAP for the report's scatter plots); the re-audit needs only the "
+    "clusters and flags, and skips them.",
+)
 @PROGRESS
-def spray(params_path: Path, store: Path, data: Path, out: Path, metrics_out: Path, progress: bool | None) -> None:
+def spray(
+    params_path: Path, store: Path, data: Path, out: Path, metrics_out: Path, embeddings: bool, progress: bool | None
+) -> None:
     """Cluster each class's heatmaps by SpRAy and rank the clusters by Clever-Hans score."""
     from .spray_stage import run_spray
 
-    metrics = run_spray(load_params(params_path), store, data, out, metrics_out, progress=_progress(progress))
+    params = load_params(params_path)
+    if not embeddings:
+        params = params | {"spray": (params.get("spray") or {}) | {"embeddings": []}}
+    metrics = run_spray(params, store, data, out, metrics_out, progress=_progress(progress))
     click.echo(
         f"spray {out}: {metrics['n_clusters']} clusters in {metrics['n_strategies']} strategies, "
         f"{metrics['n_flagged_strategies']} flagged (p < {metrics['p_threshold']:.2g}); "

@@ -28,7 +28,7 @@ from .io import write_json
 from .models import build_model
 from .params import section
 from .stages import DATA_DEFAULTS, MODEL_DEFAULTS
-from .training import Normalizer, composite_for
+from .training import Normalizer, composite_for, inference_copy
 
 __all__ = ["EVALUATE_DEFAULTS", "BASELINES", "run_evaluate"]
 
@@ -104,6 +104,7 @@ def run_evaluate(
                           for i in range(0, len(tensors[0]), settings["batch_size"])])  # fmt: skip
 
     kwargs = {"patch": patch, "fill": settings["fill"], "steps": settings["steps"], "seed": settings["seed"]}
+    forward = inference_copy(model)  # the curves' ~15,000 forward passes: BatchNorm folded, 2x faster on a CPU
     results, curves = {}, {}
     first = None
     for method in tqdm(settings["methods"], desc="evaluate", disable=not progress):
@@ -111,8 +112,8 @@ def run_evaluate(
         explain = partial(_explain, method, model, normalize=normalize, seed=settings["seed"])
         relevance = batched(explain, x, y)
         first = relevance if first is None else first
-        morf = ev.region_perturbation(model, x, y, relevance, order="morf", **kwargs)
-        lerf = ev.region_perturbation(model, x, y, relevance, order="lerf", **kwargs)
+        morf = ev.region_perturbation(forward, x, y, relevance, order="morf", **kwargs)
+        lerf = ev.region_perturbation(forward, x, y, relevance, order="lerf", **kwargs)
         scores = {
             "aopc_morf": float(ev.aopc(morf).mean()),
             "aopc_lerf": float(ev.aopc(lerf).mean()),
@@ -127,7 +128,7 @@ def run_evaluate(
         scores["seconds"] = time.perf_counter() - started
         results[method] = scores
         curves[method] = {"morf": morf.mean(0).tolist(), "lerf": lerf.mean(0).tolist()}
-    random_order = ev.region_perturbation(model, x, y, first, order="random", **kwargs)
+    random_order = ev.region_perturbation(forward, x, y, first, order="random", **kwargs)
     curves["random order"] = {"morf": random_order.mean(0).tolist()}
     metrics = {
         "methods": results,

@@ -12,7 +12,8 @@
 
 Penalties are scale-free shares, so one lambda range serves every model. The loop keeps BatchNorm statistics
 frozen (eval mode; lrp_core requires it and it keeps the fine-tune from drifting), pastes the artifact into a share
-of images of other classes than the source member's (Reveal to Revise), and on a non-finite loss stops with the last
+of each batch's images, each from a member of another class (Reveal to Revise; the batch keeps its labels, so the
+class balance is the one the model was trained on), and on a non-finite loss stops with the last
 good weights. Every flagged strategy is un-learned at once: its members carry their own masks, and any member can
 be the paste source.
 """
@@ -85,6 +86,23 @@ class _FeatureTap:
         self.handle.remove()
 
 
+def _penalise_masked(model: nn.Module, x, y, masks, share_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, mean(share^2))`` with the (costly, double-backward) share computed only for the samples that carry
+    a mask; the rest get a plain forward. In eval mode samples do not interact and a mask-free sample's share is 0,
+    so this is the whole-batch value, at a fraction of the cost (on the default benchmark under half of a batch
+    carries a mask: the members and the pasted images)."""
+    has = masks.flatten(1).any(1)
+    if not bool(has.any()):
+        return model(x), torch.zeros((), device=x.device)
+    if bool(has.all()):
+        logits, share = share_of(x, y, masks)
+        return logits, share.pow(2).mean()
+    inside, outside = has.nonzero().squeeze(1), (~has).nonzero().squeeze(1)
+    logits_inside, share = share_of(x[inside], y[inside], masks[inside])
+    logits = torch.cat([logits_inside, model(x[outside])])[torch.argsort(torch.cat([inside, outside]))]
+    return logits, share.pow(2).sum() / len(x)
+
+
 def step_function(model: nn.Module, config: UnlearnConfig, cavs: list[np.ndarray], layer: str | None):
     """``(x, y, masks) -> (logits, penalty)`` for the method: the one place where the methods differ."""
     composite = config.composite if not isinstance(config.composite, str) else get_composite(config.composite)
@@ -93,15 +111,21 @@ def step_function(model: nn.Module, config: UnlearnConfig, cavs: list[np.ndarray
     def vanilla(x, y, masks):
         return model(x), torch.zeros(())
 
-    def rrr_lrp(x, y, masks):
+    def lrp_share(x, y, masks):
         explanation = lrp_core.explain(model, x, y, composite=composite, create_graph=True)
-        return explanation.output, _share(explanation.relevance.sum(1).abs(), masks).pow(2).mean()
+        return explanation.output, _share(explanation.relevance.sum(1).abs(), masks)
 
-    def rrr(x, y, masks):
+    def gradient_share(x, y, masks):
         x = x.detach().requires_grad_(True)
         logits = model(x)
         (grad,) = torch.autograd.grad(F.log_softmax(logits, 1).sum(), x, create_graph=True)
-        return logits, _share(grad.pow(2).sum(1), masks).pow(2).mean()
+        return logits, _share(grad.pow(2).sum(1), masks)
+
+    def rrr_lrp(x, y, masks):
+        return _penalise_masked(model, x, y, masks, lrp_share)
+
+    def rrr(x, y, masks):
+        return _penalise_masked(model, x, y, masks, gradient_share)
 
     if method == "rr-clarc":
         if not cavs or layer is None:
@@ -183,8 +207,8 @@ def fine_tune(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
     _freeze_batch_norm(model)
     sources = torch.as_tensor(np.asarray(member_index, dtype=np.int64))
-    # paste targets per source class: images of any other class
-    targets_of = {int(c): torch.as_tensor(np.flatnonzero((labels != c).numpy())) for c in labels[sources].unique()}
+    # paste sources per target class: members of any other class
+    sources_for = {int(c): sources[labels[sources] != c] for c in labels.unique()}
     last_good = copy.deepcopy(model.state_dict())
     check = _PastedValidation(validation, images, labels, masks, sources, config.seed) if validation else None
     best = (-np.inf, last_good)
@@ -195,23 +219,28 @@ def fine_tune(
         bar = tqdm(range(steps), desc=f"{config.method} {epoch}/{config.epochs}", disable=not progress)
         for step in bar:
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y, m = images[index].clone(), labels[index], masks[index].clone()
+            x, y, m = images[index].clone(), labels[index], masks[index].bool()
             n_paste = int(round(config.paste_fraction * len(index))) if len(sources) else 0
-            if n_paste:
-                picks = sources[torch.randint(len(sources), (n_paste,), generator=generator)]
-                targets = torch.stack([
-                    pool[torch.randint(len(pool), (1,), generator=generator)[0]]
-                    for pool in (targets_of[int(labels[p])] for p in picks)
-                ])  # fmt: skip
-                x[:n_paste] = paste_artifact(images[targets], images[picks], masks[picks])
-                y = y.clone()
-                y[:n_paste] = labels[targets]
-                m[:n_paste] = masks[picks]
+            # the batch's own images (and labels) receive the pastes, so the fine-tune sees the class balance the
+            # model was trained on; drawing paste targets from the other classes instead starves the artifact's
+            # class and shifts the prior away from it (noise_patch: triangle clean accuracy 0.72 -> 0.57)
+            slots, picks = [], []
+            for slot in range(n_paste):
+                pool = sources_for[int(y[slot])]
+                if len(pool):
+                    slots.append(slot)
+                    picks.append(pool[torch.randint(len(pool), (1,), generator=generator)[0]])
+            if slots:
+                slots_t, picks_t = torch.tensor(slots), torch.stack(picks)
+                x[slots_t] = paste_artifact(x[slots_t], images[picks_t], masks[picks_t])
+                m[slots_t] = m[slots_t] | masks[picks_t].bool()
             keep = ~m.flatten(1).any(1)  # no artifact (neither a member nor pasted): behave as before
             reference = None
-            if config.anchor > 0:
-                with torch.no_grad():
-                    reference = original(x)
+            if config.anchor > 0 and keep.any():
+                with torch.no_grad():  # the anchor reads the original's outputs on the kept samples only
+                    kept = original(x[keep])
+                reference = kept.new_zeros((len(x), kept.shape[1]))
+                reference[keep] = kept
             logits, penalty = loss_of(x, y, m.float())
             ce = data_term(logits, y, reference, keep, config.anchor)
             loss = ce + config.weight * penalty

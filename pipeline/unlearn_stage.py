@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .artifact import (
@@ -27,6 +28,7 @@ from .artifact import (
     Selection,
     build_region,
     feature_layer,
+    fixed_content,
     layer_activations,
     pattern_cav,
     select_strategies,
@@ -45,7 +47,7 @@ __all__ = ["UNLEARN_DEFAULTS", "run_unlearn"]
 REST_SAMPLE = 500  # maps of the rest of the class that set the baseline of the artifact region
 UNLEARN_DEFAULTS = {
     "method": "rrr-lrp",
-    "compare_methods": ["vanilla", "p-clarc"],  # also scored: the control and the training-free fix ([] to skip)
+    "compare_methods": ["p-clarc"],  # also scored: the training-free fix ([] to skip; all five: README)
     "cluster": None,  # null: every flagged strategy; or "<class name>/<cluster>", or a list of them
     "epochs": 3,  # the most; each method stops early on validation (stop_gap)
     "batch_size": 32,
@@ -91,15 +93,18 @@ def _artifact(
         _member_maps(store, members), settings["region_sigma"], settings["region_threshold"],
         rest_maps=_member_maps(store, rest) if rest else None,
     )  # fmt: skip
-    artifact = ArtifactModel(selection.class_index, selection.class_name, selection.clusters, members, region,
-                             region_map, member_masks)  # fmt: skip
     of_class = np.flatnonzero(train_rows.label.to_numpy() == selection.class_index)
     is_member = train_rows.sample_id.iloc[of_class].isin(set(members)).to_numpy()
     if not is_member.any():
         raise ArtifactError(
-            f"no member of {artifact.name} is a training sample: un-learning fine-tunes on the split that "
-            "was audited, so attribute.split must be train"
+            f"no member of {selection.class_name}/{'+'.join(map(str, selection.clusters))} is a training sample: "
+            "un-learning fine-tunes on the split that was audited, so attribute.split must be train"
         )
+    near = ndimage.binary_dilation(region, iterations=3)
+    fixed = fixed_content(train_x[of_class[is_member]], train_x[of_class[~is_member]][:REST_SAMPLE], near)
+    region, member_masks = region | fixed, member_masks | fixed
+    artifact = ArtifactModel(selection.class_index, selection.class_name, selection.clusters, members, region,
+                             region_map, member_masks, fixed_pixels=int(fixed.sum()))  # fmt: skip
     if holdout and settings["holdout_fraction"] > 0:
         rng = np.random.default_rng([settings["seed"], selection.class_index])
         n_out = int(round(settings["holdout_fraction"] * len(members)))

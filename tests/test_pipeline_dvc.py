@@ -98,6 +98,9 @@ def test_repro_runs_prepare_and_train_then_skips(project):
         assert {"test_clean_acc", "test_attacked_acc", "r_bias", "artifact_ari"} <= set(compare[when]), when
     assert compare["method"] == "rrr-lrp" and set(compare["methods"]) == {"vanilla", "rrr-lrp", "p-clarc"}
     assert (work / "reports" / "compare.html").read_text().startswith("<!DOCTYPE html>")
+    # the report's scatter plots need the audit's embeddings; the re-audit needs clusters and flags only
+    assert {"tsne_x", "tsne_y"} <= set(pd.read_parquet(work / "spray" / "original" / "samples.parquet").columns)
+    assert not any(c.endswith("_x") for c in pd.read_parquet(work / "spray" / "cleaned" / "samples.parquet").columns)
     report = (work / "reports" / "audit.html").read_text()
     assert report.startswith("<!DOCTYPE html>") and "Clever-Hans candidates" in report
     assert (work / "data" / "prepared" / "manifest.parquet").is_file()

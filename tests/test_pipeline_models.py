@@ -12,7 +12,7 @@ import torch
 
 import lrp_core
 from pipeline.models import ARCHITECTURES, CheckpointError, build_model, load_checkpoint
-from pipeline.training import Normalizer, TrainConfig, train_model
+from pipeline.training import Normalizer, TrainConfig, inference_copy, train_model
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -75,6 +75,35 @@ def test_training_is_deterministic():
         )
         histories.append(history)
     assert histories[0] == histories[1]
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_the_inference_copy_folds_batch_norm_and_gives_the_same_outputs(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 6)
+    for module in model.modules():  # BatchNorm statistics that are not the identity, so the fold matters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    fast = inference_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself is untouched
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_torch_fx_cannot_trace_is_used_as_it_is():
+    class Branching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x) if x.sum() > 0 else -self.linear(x)  # data-dependent: not traceable
+
+    model = Branching().train()
+    assert inference_copy(model) is model and not model.training
 
 
 def test_normalizer_follows_the_images_device():

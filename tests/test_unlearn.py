@@ -101,43 +101,102 @@ def test_a_diverging_fine_tune_stops_with_the_last_good_weights():
         torch.testing.assert_close(value, model.state_dict()[name])
 
 
-def test_members_of_several_strategies_are_pasted_into_other_classes_only(monkeypatch):
+def test_members_of_several_strategies_are_pasted_into_other_classes_and_the_batches_keep_their_labels(monkeypatch):
     """Two flagged strategies (classes 0 and 1): every pasted image gets a member's artifact from another class than
-    its own label, with that member's mask."""
+    its own label, and the pastes go into the batch's own images, so every epoch sees each label exactly as often
+    as the training data holds it (pasting into images drawn from other classes starved the artifact's class)."""
     from pipeline import unlearn
 
     torch.manual_seed(0)
-    images = torch.zeros(60, 3, 16, 16)
     labels = torch.tensor([0] * 20 + [1] * 20 + [2] * 20)
+    images = (10.0 * (labels + 1)).view(-1, 1, 1, 1).repeat(1, 3, 16, 16)  # an image's class, readable anywhere
     masks = torch.zeros(60, 16, 16, dtype=torch.bool)
     members = np.array([0, 1, 2, 20, 21])
     for i in members:
-        images[i] = 1.0 + labels[i]  # the source's class is readable from the pasted pixels
+        images[i, :, :4, :4] = 1.0 + labels[i]  # the artifact shows its source's class
         masks[i, :4, :4] = True
-    seen = []
-    real = unlearn.paste_artifact
-
-    def spy(targets, sources, m):
-        seen.append((sources[:, 0, 0, 0] - 1).long())
-        return real(targets, sources, m)
-
-    monkeypatch.setattr(unlearn, "paste_artifact", spy)
-    config = UnlearnConfig(method="vanilla", epochs=1, batch_size=12, paste_fraction=0.5, anchor=0.0)
-    batches = []
+    batches, batch_labels = [], []
     model = small_cnn(3).eval()
-    original = model.forward
+    original_forward, original_data_term = model.forward, unlearn.data_term
 
     def record(x):
         batches.append(x.detach().clone())
-        return original(x)
+        return original_forward(x)
+
+    def record_labels(logits, y, *args):
+        batch_labels.append(y.clone())
+        return original_data_term(logits, y, *args)
 
     monkeypatch.setattr(model, "forward", record)
+    monkeypatch.setattr(unlearn, "data_term", record_labels)
+    config = UnlearnConfig(method="vanilla", epochs=1, batch_size=12, paste_fraction=0.5, anchor=0.0)
     fine_tune(model, images, labels, masks, members, config, progress=False)
-    assert seen and all(set(s.tolist()) <= {0, 1} for s in seen)
-    for batch, sources in zip(batches, seen):
-        pasted = batch[: len(sources)]
-        # a pasted image shows its source's value in the mask and zeros elsewhere; its label is another class
-        assert torch.equal(pasted[:, 0, 0, 0] - 1, sources.float())
+    assert torch.equal(torch.cat(batch_labels).sort().values, labels.sort().values)
+    n_pasted = 0
+    for x, y in zip(batches, batch_labels):
+        assert torch.equal(x[:, 0, -1, -1], 10.0 * (y + 1))  # the pasted images keep their own label
+        artifact = x[:, 0, 0, 0]
+        carries = artifact < 10
+        source = artifact[carries].long() - 1
+        assert set(source.tolist()) <= {0, 1}
+        pasted = source != y[carries]
+        n_pasted += int(pasted.sum())
+    assert n_pasted == 5 * 6  # 5 batches x 6 slots; every class has members of another class to take from
+
+
+@pytest.mark.parametrize("method", ["rrr-lrp", "rrr"])
+def test_the_penalty_computed_on_the_masked_samples_only_equals_the_whole_batch_one(method):
+    """The double-backward share runs only on samples that carry a mask; logits, penalty and every parameter's
+    gradient must equal the whole-batch computation (eval mode: samples do not interact)."""
+    import lrp_core
+    from lrp_core.composites import get_composite
+    from pipeline.unlearn import _share
+
+    torch.manual_seed(0)
+    model = small_cnn(3).double().eval()
+    x, y = torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    masks = torch.zeros(6, 32, 32, dtype=torch.bool)
+    masks[[1, 4], 4:12, 4:12] = True
+    masks[2, 20:, :] = True
+    logits, penalty = step_function(model, UnlearnConfig(method=method), [], None)(x, y, masks.double())
+    if method == "rrr-lrp":
+        explanation = lrp_core.explain(model, x, y, composite=get_composite("epsilon_plus_flat"), create_graph=True)
+        whole_logits, mass = explanation.output, explanation.relevance.sum(1).abs()
+    else:
+        xg = x.clone().requires_grad_(True)
+        whole_logits = model(xg)
+        (grad,) = torch.autograd.grad(torch.log_softmax(whole_logits, 1).sum(), xg, create_graph=True)
+        mass = grad.pow(2).sum(1)
+    whole_penalty = _share(mass, masks.double()).pow(2).mean()
+    torch.testing.assert_close(logits, whole_logits)
+    torch.testing.assert_close(penalty, whole_penalty)
+    assert penalty > 0
+    params = [p for p in model.parameters()]
+    ours = torch.autograd.grad(logits.sum() + 10 * penalty, params)
+    whole = torch.autograd.grad(whole_logits.sum() + 10 * whole_penalty, params)
+    for a, b in zip(ours, whole):
+        torch.testing.assert_close(a, b)
+
+
+def test_fixed_content_completes_a_frame_that_relevance_reached_only_in_part():
+    """A frame of one colour on the members, random texture elsewhere: the whole frame comes back from a relevance
+    region on its top edge; a fixed tag far from the region, and a pixel constant in the whole class, do not."""
+    from pipeline.artifact import fixed_content
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (80, 3, 32, 32)).astype(np.uint8)
+    images[:, :, 16, 16] = 7  # the same in every image of the class: not the members' own content
+    frame = np.zeros((32, 32), dtype=bool)
+    frame[:2], frame[-2:], frame[:, :2], frame[:, -2:] = True, True, True, True
+    members, rest = images[:25].copy(), images[25:]
+    members[:, :, frame] = np.array([200, 30, 120], dtype=np.uint8)[:, None]
+    members[:, :, 20:24, 8:12] = 90  # a second shared patch, nowhere near the relevance
+    near = np.zeros((32, 32), dtype=bool)
+    near[:4, 8:24] = True
+    found = fixed_content(members, rest, near)
+    assert np.array_equal(found, frame)
+    assert not fixed_content(images[:25], rest, near).any()  # nothing shared: nothing fixed
+    assert not fixed_content(members[:2], rest, near).any()  # too few members to tell
 
 
 def test_rr_clarc_penalises_every_strategy_direction_and_p_clarc_folds_them_in_turn():
