@@ -43,6 +43,7 @@ __all__ = [
     "fixed_content",
 ]
 
+REGION_DILATION = 3  # px: how far a member's own mask, and fixed content, may reach beyond the region
 FIXED_CONTENT_ALPHA = 0.05  # per class, Bonferroni over the pixels: the chance that a pixel is called fixed by luck
 
 
@@ -54,6 +55,11 @@ class NothingFlagged(ArtifactError):
     """The audit flagged no strategy and params name none: there is nothing to un-learn (not a failure)."""
 
 
+def strategy_name(class_name: str, clusters) -> str:
+    """``<class>/<cluster>+<cluster>``: how params (``unlearn.cluster``) and messages name a strategy."""
+    return f"{class_name}/{'+'.join(map(str, clusters))}"
+
+
 @dataclass
 class Selection:
     """One strategy to un-learn: a class, some of its clusters and their members."""
@@ -62,6 +68,10 @@ class Selection:
     class_name: str
     clusters: list[int]
     member_ids: list[str]
+
+    @property
+    def name(self) -> str:
+        return strategy_name(self.class_name, self.clusters)
 
 
 @dataclass
@@ -80,7 +90,7 @@ class ArtifactModel:
 
     @property
     def name(self) -> str:
-        return f"{self.class_name}/{'+'.join(map(str, self.clusters))}"
+        return strategy_name(self.class_name, self.clusters)
 
     def summary(self) -> dict:
         return {
@@ -107,7 +117,7 @@ def _members(spray_dir: Path, class_name: str, class_index: int, clusters: list[
             raise ArtifactError(f"the members of {class_name}/{cluster} are missing: {stem}.json")
         members += json.loads(stem.with_suffix(".json").read_text())["sample_ids"]
     if not members:
-        raise ArtifactError(f"cluster {class_name}/{'+'.join(map(str, clusters))} has no members ({stem}.json)")
+        raise ArtifactError(f"cluster {strategy_name(class_name, clusters)} has no members ({stem}.json)")
     return members
 
 
@@ -153,7 +163,7 @@ def build_region(
     member_maps: np.ndarray,
     sigma: float = 1.5,
     threshold: float = 0.2,
-    dilation: int = 3,
+    dilation: int = REGION_DILATION,
     rest_maps: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(region, smoothed region map, per-member masks) from the members' full-resolution relevance maps.

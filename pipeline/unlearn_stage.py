@@ -22,6 +22,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .artifact import (
+    REGION_DILATION,
     ArtifactError,
     ArtifactModel,
     NothingFlagged,
@@ -97,11 +98,11 @@ def _artifact(
     is_member = train_rows.sample_id.iloc[of_class].isin(set(members)).to_numpy()
     if not is_member.any():
         raise ArtifactError(
-            f"no member of {selection.class_name}/{'+'.join(map(str, selection.clusters))} is a training sample: "
-            "un-learning fine-tunes on the split that was audited, so attribute.split must be train"
+            f"no member of {selection.name} is a training sample: un-learning fine-tunes on the split that was "
+            "audited, so attribute.split must be train"
         )
-    near = ndimage.binary_dilation(region, iterations=3)
-    fixed = fixed_content(train_x[of_class[is_member]], train_x[of_class[~is_member]][:REST_SAMPLE], near)
+    near = ndimage.binary_dilation(region, iterations=REGION_DILATION)
+    fixed = fixed_content(train_x[of_class[is_member]], train_x[of_class[~is_member][:REST_SAMPLE]], near)
     region, member_masks = region | fixed, member_masks | fixed
     artifact = ArtifactModel(selection.class_index, selection.class_name, selection.clusters, members, region,
                              region_map, member_masks, fixed_pixels=int(fixed.sum()))  # fmt: skip
