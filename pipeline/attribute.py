@@ -97,6 +97,11 @@ class BlockComputer:
         self.dataset = load_dataset(Path(job.prepared))
         self.rows = job.rows(self.dataset)
         self.model = build_model(job.arch, len(self.dataset.classes), job.model_path).to(self.device).eval()
+        # oneDNN's native layout: LRP of small_cnn 1.45x faster on two CPU cores, the same relevance to float
+        # rounding; CUDA keeps the default layout (not measured there)
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.normalize = Normalizer(job.mean, job.std)
         self.composite = composite_for(job.composite, self.normalize)
         self.store = RelevanceStore(job.out)
@@ -106,6 +111,8 @@ class BlockComputer:
     def explain_batch(self, images: torch.Tensor, labels: torch.Tensor, start: int):
         """One batch: heatmaps (float16), pooled maps, logits and table rows."""
         x = self.normalize(images.to(self.device, non_blocking=True))
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.job.target == "label":
             target = labels.to(self.device)
         else:

@@ -297,12 +297,10 @@ def export_virelay(store: Path, data: Path, out: Path, name: str) -> None:
 
 
 def entry_point() -> None:
-    """Console script: errors in the user's data or parameters print one line, not a traceback."""
-    from .artifact import ArtifactError
-    from .attribute import AttributionError
-    from .datasets import DataError
-    from .models import CheckpointError
+    """Console script: errors in the user's data or parameters print one line, not a traceback.
 
+    ``DataError``, ``CheckpointError``, ``AttributionError`` and ``ArtifactError`` are ``ValueError``s: caught here
+    without importing their modules, so that a stage that needs no torch does not pay its import."""
     try:
         main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -310,9 +308,7 @@ def entry_point() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (
-        ArtifactError, AttributionError, DataError, CheckpointError, FileNotFoundError, ValueError, RuntimeError
-    ) as err:  # fmt: skip
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
 

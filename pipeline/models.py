@@ -21,7 +21,7 @@ def small_cnn(num_classes: int, width: int = 32) -> nn.Sequential:
     """Four conv blocks (Conv -> BatchNorm -> ReLU, max pooling between) and a linear head.
 
     Built from layers LRP explains exactly (BatchNorm directly after each conv, so it merges); trains on the
-    built-in benchmark (3,000 images of 64 px, 8 epochs) in about three minutes on two CPU cores.
+    built-in benchmark (3,000 images of 64 px, 8 epochs) in under three minutes on two CPU cores.
     """
     w = width
     return nn.Sequential(

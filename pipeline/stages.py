@@ -7,7 +7,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .datasets import (
     Dataset,
@@ -19,10 +18,8 @@ from .datasets import (
     write_builtin,
 )
 from .io import write_bytes, write_json, write_with
-from .models import build_model
 from .params import section
 from .synthetic import Artifact, BenchmarkConfig
-from .training import Normalizer, TrainConfig, accuracy, predict, train_model
 
 __all__ = [
     "DATA_DEFAULTS",
@@ -122,6 +119,11 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Train on train, select on val, evaluate on the test splits; write the state dict, metrics and curve."""
+    import torch  # here, not at the top: builtin and prepare run without torch (seconds per stage)
+
+    from .models import build_model
+    from .training import Normalizer, TrainConfig, accuracy, predict, train_model
+
     data = section(params, "data", DATA_DEFAULTS)
     model_params = section(params, "model", MODEL_DEFAULTS)
     config = TrainConfig(**section(params, "train", TRAIN_DEFAULTS))

@@ -63,7 +63,12 @@ def test_store_equals_a_direct_lrp_core_call(setup):
     pool = torch.as_tensor(sum_pool_matrix(48, 20), dtype=torch.float32)
     torch.testing.assert_close(torch.from_numpy(arrays["pooled"]), pool @ heat @ pool.T, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(arrays["logits"]), direct.output, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(table.relevance_sum, heat.flatten(1).sum(1).double().numpy(), rtol=1e-5)
+    # the stage computes in channels-last layout on CPU: float sums in another order, so the tolerance of a sum
+    # that cancels is relative to the sum of magnitudes
+    scale = float(heat.abs().flatten(1).sum(1).max())
+    np.testing.assert_allclose(
+        table.relevance_sum, heat.flatten(1).sum(1).double().numpy(), rtol=1e-5, atol=1e-6 * scale
+    )
     np.testing.assert_allclose(arrays["pooled"].sum((1, 2)), table.relevance_sum, rtol=1e-4)
     assert (table.correct == (table.prediction == table.label)).all()
     attrs = zarr.open_group(reference / "relevance.zarr", mode="r").attrs

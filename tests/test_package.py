@@ -24,6 +24,24 @@ def test_audits_does_not_import_torch():
     assert not {"torch", "pipeline", "lrp_core"} & modules
 
 
+def test_stages_that_compute_no_relevance_start_without_torch():
+    """builtin, prepare, spray, report and compare import neither torch nor umap: seconds saved per stage run."""
+    modules = _imported_modules(
+        "import pipeline.cli, pipeline.stages, pipeline.spray_stage, pipeline.report_stage, pipeline.compare_stage"
+    )
+    assert not {"torch", "umap"} & modules
+
+
+def test_the_errors_of_the_command_line_are_value_errors():
+    """entry_point catches them as ValueError (one line, no traceback) without importing their modules."""
+    from pipeline.artifact import ArtifactError
+    from pipeline.attribute import AttributionError
+    from pipeline.datasets import DataError
+    from pipeline.models import CheckpointError
+
+    assert all(issubclass(e, ValueError) for e in (ArtifactError, AttributionError, DataError, CheckpointError))
+
+
 def test_lrp_core_imports_nothing_of_the_project_but_itself():
     modules = _imported_modules("import lrp_core, lrp_core.demo, lrp_core.sequence_demo, lrp_core.neuralized")
     assert not {"audits", "pipeline", "torchvision", "zennit", "sklearn"} & modules
