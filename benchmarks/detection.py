@@ -3,6 +3,7 @@
     python benchmarks/detection.py                    # every case (about 1.5 hours on 2 CPU cores)
     python benchmarks/detection.py --cases small_cnn/stamp photo/frame clean/builtin
     python benchmarks/detection.py --list
+    python benchmarks/detection.py --ceiling          # cached cases: what a supervised classifier gets from the maps
 
 Each case plants cues, trains a model, audits it (attribute, spray with the defaults of params.yaml), un-learns
 every flagged strategy with rrr-lrp and measures, with ground truth the pipeline never sees:
@@ -58,6 +59,14 @@ def _cases() -> dict[str, dict]:
         "artifacts": [
             {"class": "triangle", "kind": "stamp", "fraction": 0.3},
             {"class": "disk", "kind": "frame", "fraction": 0.3},
+        ],
+    }
+    cases["small_cnn/watermark+noise_patch"] = {  # a second pair: two cues that move, on two other classes
+        "data": "builtin",
+        "arch": "small_cnn",
+        "artifacts": [
+            {"class": "square", "kind": "watermark", "fraction": 0.3},
+            {"class": "star", "kind": "noise_patch", "fraction": 0.3},
         ],
     }
     for kind in ("watermark", "frame", "noise_patch", "stamp"):
@@ -254,10 +263,53 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
             cells = []
             for cluster in range(k):
                 inside = labels == cluster
-                p = null.p_value(fit.graph_.conductance(inside, ~inside), min(inside.sum(), (~inside).sum()))
+                # graph nodes are distinct non-zero maps: a node is inside when most of its maps are
+                node_share = np.bincount(fit.inverse_, weights=inside[fit._live], minlength=len(fit.graph_.counts))
+                node = node_share / fit.graph_.counts > 0.5
+                # read at the class's size, as the spray stage tests a strategy against the rest of its class
+                p = null.p_value(fit.graph_.conductance(node, ~node), fit.graph_.counts.sum())
                 ari = adjusted_rand_score(cues[name], inside) if cues[name].any() else 0.0
                 cells.append([int(inside.sum()), round(-np.log10(max(p, 1e-300)), 1), round(ari, 2)])
             out[name][f"k={k}"] = cells
+    return out
+
+
+def ceiling(cases: dict, work: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """What the heatmaps hold: for each cached case's cue, the ARI of a *supervised* linear classifier (logistic
+    regression, 5-fold cross-validated predictions) of the planted flag from SpRAy's own views of the class's maps
+    (where, shape, both, as ``audits.features`` builds them). No clustering of these features can be expected to
+    beat it, so a cue under 0.9 here cannot reach the ARI target in pixel space: the model's maps of its members
+    barely differ from the rest's, and the cue is for the latent view (issue 18)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from audits.features import relevance_features, shape_view
+    from pipeline.datasets import load_dataset
+    from pipeline.relevance_store import RelevanceStore
+
+    out = {}
+    for name, case in cases.items():
+        folder = work / name.replace("/", "__")
+        if name.startswith("clean/") or not (folder / "store").is_dir():
+            continue
+        dataset, store = load_dataset(folder / "prepared"), RelevanceStore(folder / "store")
+        table, truth = store.table(), _truth(case, folder, dataset)
+        out[name] = {}
+        for artifact in case["artifacts"]:
+            rows = table[table.label == dataset.classes.index(artifact["class"])].sort_values("index")
+            maps = store.open()["heatmap"].oindex[rows["index"].to_numpy()].astype(np.float32)
+            planted = (truth.loc[rows.sample_id].to_numpy() == artifact["kind"]).astype(int)
+            if planted.sum() < 5:
+                continue
+            shape = shape_view(maps)
+            views = {"where": relevance_features(maps, 8, "abs", ("where",)), "shape": shape,
+                     "where+shape": relevance_features(maps, 8, "abs", ("where", "shape"), shape)}  # fmt: skip
+            folds = StratifiedKFold(5, shuffle=True, random_state=0)
+            out[name][artifact["class"]] = {
+                view: round(adjusted_rand_score(planted, cross_val_predict(
+                    LogisticRegressionCV(Cs=8, max_iter=2000), features, planted, cv=folds)), 2)
+                for view, features in views.items()
+            }  # fmt: skip
     return out
 
 
@@ -281,7 +333,9 @@ def summarize(results: dict[str, dict]) -> dict:
         "targets": {
             "pixel cues flagged, rank 1, ARI >= 0.9": all(
                 r["flagged"] and (r["rank"] <= (2 if "+" in r["case"] else 1)) and r["ari"] >= 0.9 for r in pixel),
-            "two artifacts: ranks 1 and 2": sorted(r["rank"] for r in two) == [1, 2] if two else None,
+            "two artifacts: ranks 1 and 2": all(
+                sorted(r["rank"] for r in two if r["case"] == case) == [1, 2] for case in {r["case"] for r in two}
+            ) if two else None,
             "un-learned (attacked within 5 points, clean down <= 2)": all(r.get("unlearned") for r in pixel),
             "at most 1 false alarm in 5 clean audits per kind of data": all(
                 sum(f > 0 for f in flags) <= 1 for flags in controls.values()),
@@ -300,6 +354,8 @@ def main() -> None:
                         help="Cached cases: keep model, store and audit; un-learn and score again.")  # fmt: skip
     parser.add_argument("--never-saw-the-cue", action="store_true",
                         help="The clean-trained control's attacked gap on each cached built-in case.")  # fmt: skip
+    parser.add_argument("--ceiling", action="store_true",
+                        help="Cached cases: supervised, cross-validated ARI of the cue on SpRAy's views.")  # fmt: skip
     parser.add_argument("--k-scan", metavar="CASE", help="Per class and k: cluster size, -log10 p, ARI with the cue.")
     args = parser.parse_args()
     if args.k_scan:
@@ -310,6 +366,13 @@ def main() -> None:
         return
     if args.never_saw_the_cue:
         print(json.dumps(never_saw_the_cue(cases, args.work), indent=2))
+        return
+    if args.ceiling:
+        wanted = args.cases or [""]
+        chosen = {n: c for n, c in cases.items() if any(n == x or n.startswith(x) for x in wanted)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            print(json.dumps(ceiling(chosen, args.work), indent=2))
         return
     chosen = [n for n in cases if not args.cases or any(n == c or n.startswith(c) for c in args.cases)]
     results = {}

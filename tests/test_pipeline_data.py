@@ -14,6 +14,7 @@ from pipeline.synthetic import (
     CLASSES,
     PIXEL_KINDS,
     Artifact,
+    ArtifactPainter,
     BenchmarkConfig,
     render_split,
     stamp_pattern,
@@ -79,6 +80,25 @@ def test_every_artifact_kind_changes_exactly_its_mask(kind):
     assert footprint[0] <= np.mean(shares) <= footprint[1], (kind, np.mean(shares))
     if kind in ("watermark", "noise_patch"):  # placed at random: the masks differ between images
         assert len({a.artifact_mask.tobytes() for a in attacked}) > 1
+
+
+def test_the_noise_patch_sits_beside_the_object_and_still_lands_when_there_is_no_room():
+    """On the object the patch would measure occlusion, not the shortcut; with no free place it covers the least."""
+    size, side = 64, 10
+    painter = ArtifactPainter("noise_patch", size, side, key=(0,))
+    yy, xx = np.mgrid[0:size, 0:size]
+    coverage = ((yy - 30) ** 2 + (xx - 34) ** 2 <= 18**2).astype(float)  # a large disk, room only in the corners
+    image = np.zeros((size, size, 3))
+    places = set()
+    for seed in range(40):
+        _, mask = painter(image, coverage, np.random.default_rng(seed))
+        assert mask.sum() == side * side and not (mask & (coverage > 0)).any()
+        places.add(mask.tobytes())
+    assert len(places) > 10  # still a random place
+    full = np.ones((size, size))
+    full[50:62, 2:14] = 0  # one free spot
+    _, mask = painter(image, full, np.random.default_rng(0))
+    assert mask.sum() == side * side  # no free draw need exist: the least-covering one of them is taken
 
 
 def test_two_artifacts_on_two_classes_each_get_an_attacked_split():
