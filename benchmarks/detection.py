@@ -279,7 +279,8 @@ def ceiling(cases: dict, work: Path) -> dict[str, dict[str, dict[str, float]]]:
     regression, 5-fold cross-validated predictions) of the planted flag from SpRAy's own views of the class's maps
     (where, shape, both, as ``audits.features`` builds them). No clustering of these features can be expected to
     beat it, so a cue under 0.9 here cannot reach the ARI target in pixel space: the model's maps of its members
-    barely differ from the rest's, and the cue is for the latent view (issue 18)."""
+    barely differ from the rest's, and the cue is for the latent view (issue 18). Built-in cases also report
+    ``cue_share``: the median share of the members' |R| on their own (true) artifact."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
@@ -310,7 +311,25 @@ def ceiling(cases: dict, work: Path) -> dict[str, dict[str, dict[str, float]]]:
                     LogisticRegressionCV(Cs=8, max_iter=2000), features, planted, cv=folds)), 2)
                 for view, features in views.items()
             }  # fmt: skip
+            if case["data"] == "builtin":
+                out[name][artifact["class"]]["cue_share"] = _cue_share(dataset, rows, maps, planted)
     return out
+
+
+def _cue_share(dataset, rows: pd.DataFrame, maps: np.ndarray, planted: np.ndarray) -> float:
+    """Median share of the members' |R| inside their own true artifact mask, dilated by 2 px (relevance spills
+    over a cue's edge by about one receptive field step)."""
+    from PIL import Image
+    from scipy import ndimage
+
+    masks = dataset.manifest.set_index("sample_id").artifact_mask
+    shares = []
+    for i in np.flatnonzero(planted):
+        mask = np.asarray(Image.open(dataset.root / masks[rows.sample_id.iloc[i]])) > 0
+        mask = ndimage.binary_dilation(mask, iterations=2)
+        magnitude = np.abs(maps[i])
+        shares.append(float((magnitude * mask).sum() / max(magnitude.sum(), 1e-30)))
+    return round(float(np.median(shares)), 2)
 
 
 def summarize(results: dict[str, dict]) -> dict:
