@@ -278,7 +278,8 @@ class ArtifactPainter:
 
         Why: a patch on the object hides the evidence of the class. Pasted on the test images, it then measures
         occlusion as well as the shortcut: a model trained without any cue lost 22 points to patches placed
-        anywhere. Beside the object, like a sticker or a tag on a photo, the attacked split measures the shortcut."""
+        anywhere, 15 to patches beside the object (docs/spray.md). Beside it, like a sticker or a tag on a photo,
+        the attacked split measures the shortcut."""
         s = self.s
         best = (np.inf, 1, 1)
         for _ in range(tries):
