@@ -112,6 +112,16 @@ def _truth(case: dict, work: Path, dataset) -> pd.Series:
     return pd.read_csv(work / "photo" / "truth.csv", keep_default_na=False).set_index("sample_id").artifact
 
 
+def _case_dir(work: Path, name: str) -> Path:
+    return work / name.replace("/", "__")
+
+
+def _class_maps(store, table: pd.DataFrame, index: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """One class's rows of the store's table (in store order) and their float32 heatmaps."""
+    rows = table[table.label == index].sort_values("index")
+    return rows, store.open()["heatmap"].oindex[rows["index"].to_numpy()].astype(np.float32)
+
+
 def _attacked_accuracy(case, work, dataset, model_path, params) -> dict[str, float]:
     """Accuracy with each artifact on every test image, per artifact class (``<class>``), and the share of the
     other classes' attacked images predicted as that class (``<class>/as_class``; a model that never saw the cue
@@ -227,7 +237,7 @@ def never_saw_the_cue(cases: dict, work: Path) -> dict[str, dict[str, float]]:
     control = work / "clean__builtin__0" / "model.pt"
     out = {}
     for name, case in cases.items():
-        folder = work / name.replace("/", "__")
+        folder = _case_dir(work, name)
         if case["data"] != "builtin" or case["arch"] != "small_cnn" or name.startswith("clean/"):
             continue
         if not control.is_file() or not (folder / "prepared").is_dir():
@@ -250,8 +260,8 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
     table, truth = store.table(), _truth(case, work, dataset)
     fits, cues = {}, {}
     for index, name in enumerate(dataset.classes):
-        rows = table[table.label == index].sort_values("index")
-        fits[name] = SpRAy(random_state=0, embeddings=()).fit(store.open()["heatmap"].oindex[rows["index"].to_numpy()])
+        rows, maps = _class_maps(store, table, index)
+        fits[name] = SpRAy(random_state=0, embeddings=()).fit(maps)
         cues[name] = (truth.loc[rows.sample_id].to_numpy() != "").astype(int)
     null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_log_conductances_])
     out = {}
@@ -290,15 +300,14 @@ def ceiling(cases: dict, work: Path) -> dict[str, dict[str, dict[str, float]]]:
 
     out = {}
     for name, case in cases.items():
-        folder = work / name.replace("/", "__")
+        folder = _case_dir(work, name)
         if name.startswith("clean/") or not (folder / "store").is_dir():
             continue
         dataset, store = load_dataset(folder / "prepared"), RelevanceStore(folder / "store")
         table, truth = store.table(), _truth(case, folder, dataset)
         out[name] = {}
         for artifact in case["artifacts"]:
-            rows = table[table.label == dataset.classes.index(artifact["class"])].sort_values("index")
-            maps = store.open()["heatmap"].oindex[rows["index"].to_numpy()].astype(np.float32)
+            rows, maps = _class_maps(store, table, dataset.classes.index(artifact["class"]))
             planted = (truth.loc[rows.sample_id].to_numpy() == artifact["kind"]).astype(int)
             if planted.sum() < 5:
                 continue
@@ -378,7 +387,7 @@ def main() -> None:
     parser.add_argument("--k-scan", metavar="CASE", help="Per class and k: cluster size, -log10 p, ARI with the cue.")
     args = parser.parse_args()
     if args.k_scan:
-        print(json.dumps(k_scan(cases[args.k_scan], args.work / args.k_scan.replace("/", "__"))))
+        print(json.dumps(k_scan(cases[args.k_scan], _case_dir(args.work, args.k_scan))))
         return
     if args.list:
         print("\n".join(cases))
@@ -386,17 +395,15 @@ def main() -> None:
     if args.never_saw_the_cue:
         print(json.dumps(never_saw_the_cue(cases, args.work), indent=2))
         return
+    chosen = [n for n in cases if not args.cases or any(n == c or n.startswith(c) for c in args.cases)]
     if args.ceiling:
-        wanted = args.cases or [""]
-        chosen = {n: c for n, c in cases.items() if any(n == x or n.startswith(x) for x in wanted)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            print(json.dumps(ceiling(chosen, args.work), indent=2))
+            print(json.dumps(ceiling({n: cases[n] for n in chosen}, args.work), indent=2))
         return
-    chosen = [n for n in cases if not args.cases or any(n == c or n.startswith(c) for c in args.cases)]
     results = {}
     for name in chosen:
-        folder = args.work / name.replace("/", "__")
+        folder = _case_dir(args.work, name)
         cached = folder / "result.json"
         spec = json.dumps(cases[name], sort_keys=True)
         valid = cached.is_file() and not args.fresh and json.loads(cached.read_text()).get("spec") == spec
