@@ -4,6 +4,7 @@
     python benchmarks/detection.py --cases small_cnn/stamp photo/frame clean/builtin
     python benchmarks/detection.py --list
     python benchmarks/detection.py --ceiling          # cached cases: what a supervised classifier gets from the maps
+    python benchmarks/detection.py --per-view         # cached cases: joined views against each view on its own
 
 Each case plants cues, trains a model, audits it (attribute, spray with the defaults of params.yaml), un-learns
 every flagged strategy with rrr-lrp and measures, with ground truth the pipeline never sees:
@@ -341,6 +342,52 @@ def _cue_share(dataset, rows: pd.DataFrame, maps: np.ndarray, planted: np.ndarra
     return round(float(np.median(shares)), 2)
 
 
+def per_view(cases: dict, work: Path) -> dict[str, dict]:
+    """SpRAy on the joined views (the default) against each view on its own graph and null (Bonferroni over both
+    views' clusters), on cached cases: the flagged strategies of each (class/view, size, ARI with the cue) and,
+    per cue, its best cluster over every k in each view alone and joined. Why the joined views are kept."""
+    from audits import SpRAy
+    from audits.strategies import NullModel
+    from pipeline.datasets import load_dataset
+    from pipeline.relevance_store import RelevanceStore
+
+    views = {"joined": ("where", "shape"), "where": ("where",), "shape": ("shape",)}
+    out = {}
+    for name, case in cases.items():
+        folder = _case_dir(work, name)
+        if not (folder / "store").is_dir():
+            continue
+        dataset, store = load_dataset(folder / "prepared"), RelevanceStore(folder / "store")
+        table, truth = store.table(), _truth(case, folder, dataset)
+        fits, planted = {v: {} for v in views}, {}
+        for index, cls in enumerate(dataset.classes):
+            rows, maps = _class_maps(store, table, index)
+            planted[cls] = truth.loc[rows.sample_id].to_numpy() != ""
+            for view, chosen in views.items():
+                fits[view][cls] = SpRAy(views=chosen, stability_seeds=0, embeddings=(), random_state=0).fit(maps)
+        result = {}
+        for mode, used in (("joined", ["joined"]), ("per-view", ["where", "shape"])):
+            n_tests = sum(fits[v][c].n_clusters_ for v in used for c in dataset.classes)
+            flagged = []
+            for view in used:
+                null = NullModel.fit([cut for fit in fits[view].values() for cut in fit.null_log_conductances_])
+                for cls, fit in fits[view].items():
+                    for strategy in fit.strategies(0.05, null, n_tests):
+                        if strategy.flagged:
+                            members = np.isin(fit.labels_, strategy.clusters)
+                            ari = adjusted_rand_score(planted[cls], members)
+                            flagged.append(f"{cls}/{view}: {int(members.sum())} maps, ARI {ari:.2f}")
+            result[mode] = flagged
+        result["best cluster at any k"] = {
+            a["class"]: {view: round(max(adjusted_rand_score(planted[a["class"]], labels == c)
+                                         for labels in fits[view][a["class"]].labels_by_k_.values()
+                                         for c in np.unique(labels)), 2) for view in views}
+            for a in case["artifacts"] if a["fraction"] > 0
+        }  # fmt: skip
+        out[name] = result
+    return out
+
+
 def summarize(results: dict[str, dict]) -> dict:
     rows, controls = [], {}
     for name, r in results.items():
@@ -384,6 +431,8 @@ def main() -> None:
                         help="The clean-trained control's attacked gap on each cached built-in case.")  # fmt: skip
     parser.add_argument("--ceiling", action="store_true",
                         help="Cached cases: supervised, cross-validated ARI of the cue on SpRAy's views.")  # fmt: skip
+    parser.add_argument("--per-view", action="store_true",
+                        help="Cached cases: flags of the joined views against each view on its own.")  # fmt: skip
     parser.add_argument("--k-scan", metavar="CASE", help="Per class and k: cluster size, -log10 p, ARI with the cue.")
     args = parser.parse_args()
     if args.k_scan:
@@ -396,6 +445,11 @@ def main() -> None:
         print(json.dumps(never_saw_the_cue(cases, args.work), indent=2))
         return
     chosen = [n for n in cases if not args.cases or any(n == c or n.startswith(c) for c in args.cases)]
+    if args.per_view:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            print(json.dumps(per_view({n: cases[n] for n in chosen}, args.work), indent=2))
+        return
     if args.ceiling:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
