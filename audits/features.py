@@ -1,6 +1,8 @@
 """What SpRAy compares: two views of every relevance map, denoised, and groups of (near-)identical maps.
 
 - **where** the relevance lies: the map sum-pooled to ``pooled_size`` and normalised (``audits.pooling``);
+- **latent**: what the model used, wherever it lay: the relevance of the channels of a few layers, summed over
+  positions (``attribute.latent_layers``), each layer as shares of its |R| (signed); given, not computed from maps;
 - **what shape** it has wherever it lies: the autocorrelation of the map's |R| (Wiener-Khinchin: the inverse
   Fourier transform of its power spectrum), pooled to ``SHAPE_SIZE`` and cut to offsets of at most ``SHAPE_RADIUS``
   cells. It does not change when the map moves, so a cue at a different place in every image (a patch, a sticker)
@@ -19,9 +21,9 @@ from scipy import integrate, optimize
 
 from .pooling import normalize_maps, sum_pool
 
-__all__ = ["VIEWS", "relevance_features", "shape_view", "denoise", "duplicate_groups"]
+__all__ = ["VIEWS", "relevance_features", "shape_view", "latent_view", "denoise", "duplicate_groups"]
 
-VIEWS = ("where", "shape")
+VIEWS = ("where", "shape", "latent")
 SHAPE_SIZE = 16  # the shape view's resolution: enough for a patch of a few percent of the image to keep its form
 SHAPE_RADIUS = 4  # offsets (cells) kept: a quarter of the map, where the shape of one blob shows
 MIN_COMPONENTS = 10
@@ -56,23 +58,40 @@ def _unit_variance(features: np.ndarray) -> np.ndarray:
     return features / total if total > 0 else features
 
 
+def latent_view(latent: list[np.ndarray]) -> np.ndarray:
+    """``(N, sum C)``: each layer's channel relevance as shares of its total |R| (signed: evidence against the class
+    stays apart from evidence for it), each layer at unit total variance, joined."""
+    parts = []
+    for layer in latent:
+        layer = np.asarray(layer, dtype=np.float64)
+        total = np.abs(layer).sum(1, keepdims=True)
+        parts.append(_unit_variance(layer / np.where(total > 0, total, 1.0)))
+    return np.hstack(parts)
+
+
 def relevance_features(
     maps: np.ndarray,
     pooled_size: int | None,
     normalization: str = "abs",
-    views: tuple[str, ...] = VIEWS,
+    views: tuple[str, ...] = ("where", "shape"),
     shape: np.ndarray | None = None,
+    latent: list[np.ndarray] | None = None,
 ) -> np.ndarray:
     """``(N, D)`` float64 features of ``(N, H, W)`` maps: the chosen views, each at unit total variance, joined
-    (``shape``: the shape view if already computed)."""
+    (``shape``: the shape view if already computed; ``latent``: per layer ``(N, C)`` channel relevance, needed for
+    the latent view)."""
     unknown = sorted(set(views) - set(VIEWS))
     if unknown or not views:
         raise ValueError(f"views must be a non-empty subset of {VIEWS}; got {views}")
+    if "latent" in views and not latent:
+        raise ValueError("the latent view needs latent relevance (explain(..., latent=...) per layer); none given")
     parts = []
     if "where" in views:
         parts.append(normalize_maps(sum_pool(maps, pooled_size), normalization).astype(np.float64))
     if "shape" in views:
         parts.append(shape_view(maps) if shape is None else shape)
+    if "latent" in views:
+        parts.append(latent_view(latent))
     if len(parts) == 1:
         return parts[0]
     return np.hstack([_unit_variance(p) for p in parts])

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from .features import VIEWS, denoise, duplicate_groups, relevance_features, shape_view
+from .features import denoise, duplicate_groups, relevance_features, shape_view
 from .graph import WEIGHTINGS, knn_affinity, neighbors, spectral_embedding
 from .pooling import normalize_maps, sum_pool
 from .strategies import ClassGraph, NullModel, Strategy, find_strategies, null_log_conductances
@@ -75,7 +75,9 @@ class SpRAy:
             or a region is while sum pooling averages pixel noise away (a 64x64 cell of noise drops to 1/8).
         normalization: "abs" (default; where relevance lies), "signed" or "max" (see ``audits.pooling``).
         views: "where" (the pooled map) and "shape" (its translation-invariant autocorrelation); both by default,
-            so cues at a fixed place and cues that move (a patch anywhere) are both strategies.
+            so cues at a fixed place and cues that move (a patch anywhere) are both strategies. "latent": the
+            channel relevance of latent layers, passed to ``fit(maps, latent=...)``: what the model used wherever it
+            lay; the spray stage uses it alone when the store holds it (``docs/spray.md``, "The latent view").
         denoise: keep the PCA components above the noise's Marchenko-Pastur edge (``audits.features``).
         n_neighbors: kNN graph degree; None: ``clip(sqrt(N) / 2, 10, 32)``.
         k_max: largest number of clusters the eigengap may choose (and the top of ``labels_by_k_``).
@@ -104,7 +106,7 @@ class SpRAy:
         self,
         pooled_size: int | None = 8,
         normalization: str = "abs",
-        views: tuple[str, ...] = VIEWS,
+        views: tuple[str, ...] = ("where", "shape"),
         denoise: bool = True,
         n_neighbors: int | None = None,
         k_max: int = 8,
@@ -130,6 +132,21 @@ class SpRAy:
         self.embeddings = embeddings
         self.random_state = random_state
 
+    def _check_latent(self, latent, n: int) -> list[np.ndarray] | None:
+        if "latent" not in self.views:
+            return None
+        if latent is None:
+            raise ValueError("views include 'latent': pass fit(maps, latent=[(N, C) array per layer])")
+        layers = [latent] if isinstance(latent, np.ndarray) and latent.ndim == 2 else list(latent)
+        for i, layer in enumerate(layers):
+            layer = np.asarray(layer)
+            if layer.ndim != 2 or len(layer) != n:
+                raise ValueError(f"latent layer {i} must be ({n}, channels); got shape {layer.shape}")
+            bad = np.flatnonzero(~np.isfinite(layer).all(1))
+            if len(bad):
+                raise ValueError(f"latent layer {i} contains NaN or inf at maps {bad[:10].tolist()}")
+        return [np.asarray(layer) for layer in layers]
+
     def _check(self, maps) -> np.ndarray:
         maps = np.asarray(maps)
         if maps.ndim == 4:
@@ -151,9 +168,11 @@ class SpRAy:
         # float32 maps (half the memory of float64 at 10^5 maps); the graph and spectrum are float64
         return maps.astype(np.float32, copy=False)
 
-    def fit(self, maps) -> SpRAy:
+    def fit(self, maps, latent=None) -> SpRAy:
+        """Cluster ``maps`` ``(N, H, W)``; ``latent``: per layer ``(N, C)`` channel relevance (the latent view)."""
         maps = self._check(maps)
         n = len(maps)
+        latent = self._check_latent(latent, n)
         self.relevance_sum_ = maps.reshape(n, -1).sum(1, dtype=np.float64)
         zero = np.abs(maps).reshape(n, -1).max(1) == 0
         live = np.flatnonzero(~zero)
@@ -166,7 +185,10 @@ class SpRAy:
         self.maps_ = np.zeros((n, *side), dtype=np.float32)
         self.maps_[live] = where.reshape(len(live), *side)
         shape = shape_view(maps[live])
-        features = relevance_features(maps[live], self.pooled_size, self.normalization, tuple(self.views), shape)
+        features = relevance_features(
+            maps[live], self.pooled_size, self.normalization, tuple(self.views), shape,
+            None if latent is None else [layer[live] for layer in latent],
+        )  # fmt: skip
         self.features_, self.n_components_ = denoise(features) if self.denoise else (features, features.shape[1])
 
         m = len(live)

@@ -34,6 +34,9 @@ class Explanation:
     output_relevance: Tensor
     #: per layer call, top to bottom, when ``record_layers=True``
     layers: list[LayerRecord] | None = None
+    #: layer path -> ``(B, C)`` relevance of each output channel summed over positions (``latent=`` layers): the
+    #: concept relevance at that layer, which sums to what the layer passes on
+    latent: dict[str, Tensor] | None = None
 
     def conservation_table(self) -> str:
         """A readable table of relevance entering and leaving each layer (mean over the batch)."""
@@ -115,6 +118,7 @@ def explain(
     create_graph: bool = False,
     *,
     record_layers: bool = False,
+    latent: tuple[str, ...] | list[str] = (),
     precision: str | None = None,
     check_operations: bool = True,
 ) -> Explanation:
@@ -130,6 +134,8 @@ def explain(
         create_graph: record the relevance computation so that a loss on it trains the model (exact gradients
             to ``x`` and every parameter).
         record_layers: record per-layer relevance sums (see :meth:`Explanation.conservation_table`).
+        latent: paths of explained layers (``model.named_modules()`` names) whose per-channel relevance to keep in
+            :attr:`Explanation.latent` (see :func:`lrp_core.latent.latent_layers` for a default choice).
         precision: ``None``, ``"fp32"``, ``"tf32"`` or ``"bf16"`` (see ``PRECISIONS``).
         check_operations: verify that tensor operations between layers route relevance correctly.
     """
@@ -143,8 +149,9 @@ def explain(
     undo = []
     try:
         units = build_units(model, composite, form)
+        _check_latent(latent, units)
         with _precision(precision, x.device.type) as autocast_dtype:
-            session = Session(record_layers=record_layers, autocast_dtype=autocast_dtype)
+            session = Session(record_layers=record_layers, autocast_dtype=autocast_dtype, latent=tuple(latent))
             undo = attach(session, units)
             leaf = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -178,7 +185,17 @@ def explain(
         output=output if create_graph else output.detach(),
         output_relevance=start.detach().sum(1),
         layers=session.records,
+        latent={path: session.latent[path] for path in latent if path in session.latent} if latent else None,
     )
+
+
+def _check_latent(latent, units) -> None:
+    if isinstance(latent, str):
+        raise TypeError(f"latent must be a list of layer paths, not the string {latent!r}")
+    known = {unit.path for unit in units}
+    unknown = [path for path in latent if path not in known]
+    if unknown:
+        raise ValueError(f"latent layers {unknown} are not explained layers of the model; explained: {sorted(known)}")
 
 
 def attribute(

@@ -76,10 +76,26 @@ class LayerRecord:
 class Session:
     """State shared by the units during one attribution call."""
 
-    def __init__(self, record_layers: bool = False, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self, record_layers: bool = False, autocast_dtype: torch.dtype | None = None, latent: tuple[str, ...] = ()
+    ):
         self.lrp_active = False
         self.records: list[LayerRecord] | None = [] if record_layers else None
         self.autocast_dtype = autocast_dtype
+        #: unit path -> (B, C) relevance of each output channel, summed over the other axes (``latent``)
+        self.latent_paths = frozenset(latent)
+        self.latent: dict[str, Tensor] = {}
+
+    def keep_latent(self, unit: Unit, relevance: Tensor) -> None:
+        """Relevance arriving at ``unit``'s output, per channel (axis 1): the concept relevance of its channels.
+        A module called more than once (a shared block) adds up its calls' channel relevance."""
+        if unit.path not in self.latent_paths:
+            return
+        channels = relevance.detach().float()
+        if channels.dim() > 2:
+            channels = channels.sum(tuple(range(2, channels.dim())))
+        previous = self.latent.get(unit.path)
+        self.latent[unit.path] = channels if previous is None else previous + channels
 
 
 @dataclass(eq=False)
@@ -118,6 +134,7 @@ class _Relevance(torch.autograd.Function):
         if not session.lrp_active:
             return (None, None, *(None for _ in range(ctx.n_inputs)), relevance)
         unit: Unit = ctx.unit
+        session.keep_latent(unit, relevance)
         if not unit.rule.needs_tensors:
             # pass-through: nothing was saved (an activation's input and output need not stay alive for it)
             results = unit.relevance((), relevance, relevance)

@@ -44,6 +44,7 @@ ATTRIBUTE_DEFAULTS = {
     "threads": None,  # torch threads per process (None: torch's default)
     "scheduler": None,  # address of a Dask scheduler
     "workers": 0,  # >0: start a local Dask cluster with this many workers (one per GPU when there are GPUs)
+    "latent_layers": "auto",  # layers whose channel relevance SpRAy's latent view uses (lrp_core.latent); [] none
 }
 CODE_VERSION = "lrp_core-" + lrp_core.__version__
 
@@ -72,6 +73,7 @@ class AttributionJob:
     precision: str | None
     device: str
     threads: int | None
+    latent_layers: tuple[str, ...] = ()
 
     def rows(self, dataset: Dataset) -> pd.DataFrame:
         return dataset.split(self.split).reset_index(drop=True)
@@ -120,8 +122,9 @@ class BlockComputer:
                 target = self.model(x).argmax(1)
         try:
             explanation = lrp_core.explain(
-                self.model, x, target, composite=self.composite, precision=self.job.precision
-            )
+                self.model, x, target, composite=self.composite, precision=self.job.precision,
+                latent=self.job.latent_layers,
+            )  # fmt: skip
         except lrp_core.LRPError as err:
             ids = self.rows.sample_id.iloc[start : start + len(images)].tolist()
             raise AttributionError(f"LRP failed on samples {ids[:5]}{' ...' if len(ids) > 5 else ''}: {err}") from err
@@ -142,11 +145,13 @@ class BlockComputer:
             }
         )
         table["correct"] = table.prediction == table.label
+        latent = [explanation.latent[path] for path in self.job.latent_layers]
         return (
             heat.to(torch.float16).cpu().numpy(),
             pooled.float().cpu().numpy(),
             logits.float().cpu().numpy(),
             table[TABLE_COLUMNS],
+            torch.cat(latent, 1).float().cpu().numpy() if latent else None,
         )
 
     def load_block_images(self, block: int, layout: StoreLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +176,34 @@ class BlockComputer:
 
 
 def _concat(parts):
-    heat, pooled, logits, tables = zip(*parts)
-    return np.concatenate(heat), np.concatenate(pooled), np.concatenate(logits), pd.concat(tables, ignore_index=True)
+    heat, pooled, logits, tables, latent = zip(*parts)
+    return (
+        np.concatenate(heat),
+        np.concatenate(pooled),
+        np.concatenate(logits),
+        pd.concat(tables, ignore_index=True),
+        None if latent[0] is None else np.concatenate(latent),
+    )
+
+
+def resolve_latent_layers(arch: str, n_classes: int, setting) -> list[tuple[str, int]]:
+    """``attribute.latent_layers`` as ``[(path, channels), ...]``: "auto" picks :func:`lrp_core.latent.latent_layers`;
+    a list names layers (unknown ones are refused before any work); [] or null keeps none."""
+    from lrp_core.latent import channels_of, latent_layers
+
+    if not setting:
+        return []
+    model = build_model(arch, n_classes)
+    if setting == "auto":
+        paths = latent_layers(model)
+    elif isinstance(setting, (list, tuple)) and all(isinstance(p, str) for p in setting):
+        paths = list(setting)
+    else:
+        raise AttributionError(f"attribute.latent_layers must be 'auto', a list of layer paths or []; got {setting!r}")
+    try:
+        return [(path, channels_of(model, path)) for path in paths]
+    except ValueError as err:
+        raise AttributionError(f"attribute.latent_layers: {err}") from None
 
 
 class _SplitImages(torch.utils.data.Dataset):
@@ -256,6 +287,7 @@ def run_attribute(
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model {model_path} not found: run the train stage first")
     dataset = load_dataset(prepared)
+    latent = resolve_latent_layers(model["arch"], len(dataset.classes), settings["latent_layers"])
     job = AttributionJob(
         prepared=str(prepared),
         model_path=str(model_path),
@@ -273,6 +305,7 @@ def run_attribute(
         precision=settings["precision"],
         device=settings["device"],
         threads=settings["threads"],
+        latent_layers=tuple(path for path, _ in latent),
     )
     rows = job.rows(dataset)
     empty = [c for k, c in enumerate(dataset.classes) if not (rows.label == k).any()]
@@ -286,6 +319,7 @@ def run_attribute(
         len(dataset.classes),
         settings["batch_size"],
         settings["block_batches"],
+        sum(channels for _, channels in latent),
     )
     attrs = {
         "model_sha256": file_sha256(model_path),
@@ -299,6 +333,7 @@ def run_attribute(
         "classes": dataset.classes,
         "code_version": CODE_VERSION,
         "data_root": str(dataset.root),
+        "latent_layers": [list(pair) for pair in latent],
     }
     store = RelevanceStore(out)
     blocks = store.open_for_writing(layout, attrs)

@@ -5,6 +5,9 @@ Layout of ``<out>/``::
     relevance.zarr/      heatmap (N, H, W) float16   channel-summed full-resolution maps
                          pooled  (N, p, p) float32   relevance-conserving sum pooling (for clustering)
                          logits  (N, C)   float32    model outputs (for exports)
+                         latent  (N, D)   float32    per-channel relevance of the latent layers, joined (only when
+                                                     ``attribute.latent_layers`` names any; attrs ``latent_layers``:
+                                                     [[path, channels], ...] in column order)
                          attrs: fingerprint, model hash, composite, target, pooling, code version, ...
     parts/block-000007.parquet   the rows of block 7; written (atomically) only after its arrays
     samples.parquet      all rows, in sample order, once every block is done
@@ -64,6 +67,7 @@ class StoreLayout:
     n_classes: int
     batch_size: int
     block_batches: int
+    latent_size: int = 0  # columns of the latent array (0: none)
 
     @property
     def block_size(self) -> int:
@@ -114,6 +118,8 @@ class RelevanceStore:
             "pooled": ((p, p), "float32", True),
             "logits": ((layout.n_classes,), "float32", False),
         }
+        if layout.latent_size:
+            specs["latent"] = ((layout.latent_size,), "float32", False)
         for name, (tail, dtype, sharded) in specs.items():
             group.create_array(
                 name,
@@ -129,17 +135,19 @@ class RelevanceStore:
         return self.parts / f"block-{block:06d}.parquet"
 
     # -- writing -----------------------------------------------------------------------------------------------
-    def write_block(self, block: int, start: int, heatmap, pooled, logits, rows: pd.DataFrame) -> None:
+    def write_block(self, block: int, start: int, heatmap, pooled, logits, rows: pd.DataFrame, latent=None) -> None:
         """Write one whole block (one shard per array), then commit it with its parts file."""
         group = zarr.open_group(self.zarr_path, mode="r+")
         stop = start + len(rows)
-        for name in ARRAYS:
+        for name in ARRAYS + (("latent",) if "latent" in group else ()):
             # a crashed writer may have left part of this block's shard; zarr would read it back and merge, so the
             # uncommitted leftovers go first (shard/chunk ``block`` along the sample axis, local store layout)
             shutil.rmtree(self.zarr_path / name / "c" / str(block), ignore_errors=True)
         group["heatmap"][start:stop] = heatmap
         group["pooled"][start:stop] = pooled
         group["logits"][start:stop] = logits
+        if "latent" in group:
+            group["latent"][start:stop] = latent
         write_with(self._part_path(block), lambda tmp: rows.to_parquet(tmp, index=False))
 
     def finalize(self) -> pd.DataFrame:
@@ -167,6 +175,19 @@ class RelevanceStore:
     def table(self) -> pd.DataFrame:
         self.open()
         return pd.read_parquet(self.table_path)
+
+    def latent(self, indices=None) -> list[tuple[str, object]] | None:
+        """The latent relevance of the samples at ``indices`` (all: None), split per layer as ``[(path, (n, C)
+        float32 array), ...]``; None when the store holds none."""
+        group = self.open()
+        if "latent" not in group:
+            return None
+        array = group["latent"][:] if indices is None else group["latent"].oindex[indices]
+        out, start = [], 0
+        for path, channels in group.attrs["latent_layers"]:
+            out.append((path, array[:, start : start + channels]))
+            start += channels
+        return out
 
 
 def _fingerprint(layout: StoreLayout, attrs: dict) -> str:

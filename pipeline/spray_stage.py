@@ -43,7 +43,7 @@ SPRAY_DEFAULTS = {
     "group_by": "label",  # or "prediction"
     "pooled_size": 8,  # the "where" view (the store's pooled maps are pooled further)
     "normalization": "abs",
-    "views": ["where", "shape"],
+    "views": "auto",  # latent when the store holds latent relevance, else where + shape
     "n_neighbors": None,
     "k_max": 8,
     "weighting": "local",
@@ -65,11 +65,27 @@ def members_stem(out: Path, class_name: str, class_index: int, cluster: int) -> 
     return Path(out) / "members" / f"{safe}__cluster{int(cluster)}"
 
 
-def _fit_class(settings: dict, maps: np.ndarray) -> SpRAy:
+def resolve_views(setting, has_latent: bool) -> tuple[str, ...]:
+    """``spray.views``: "auto" is the latent view alone when the store holds latent relevance (it flags cues the
+    pixel views miss and none they find, ``docs/spray.md``), else where + shape; a list is taken as given."""
+    if setting == "auto":
+        return ("latent",) if has_latent else ("where", "shape")
+    views = tuple(setting) if isinstance(setting, (list, tuple)) else ()
+    if not views:
+        raise ValueError(f"spray.views must be 'auto' or a list of where, shape, latent; got {setting!r}")
+    if "latent" in views and not has_latent:
+        raise ValueError(
+            "spray.views asks for 'latent' but the relevance store holds no latent relevance: set "
+            "attribute.latent_layers (default auto) and run the attribute stage again"
+        )
+    return views
+
+
+def _fit_class(settings: dict, maps: np.ndarray, views: tuple[str, ...], latent) -> SpRAy:
     return SpRAy(
         pooled_size=settings["pooled_size"],
         normalization=settings["normalization"],
-        views=tuple(settings["views"]),
+        views=views,
         n_neighbors=settings["n_neighbors"],
         k_max=settings["k_max"],
         weighting=settings["weighting"],
@@ -77,7 +93,7 @@ def _fit_class(settings: dict, maps: np.ndarray) -> SpRAy:
         stability_seeds=settings["stability_seeds"],
         embeddings=tuple(e for e in settings["embeddings"] if len(maps) >= 10),
         random_state=settings["random_state"],
-    ).fit(maps)
+    ).fit(maps, latent=latent)
 
 
 def run_spray(
@@ -91,6 +107,8 @@ def run_spray(
     table = store.table()
     classes = list(group.attrs["classes"])
     pooled = group["pooled"][:]
+    latent = store.latent()
+    views = resolve_views(settings["views"], latent is not None)
     dataset = load_dataset(prepared)
     out = Path(out)
     (out / "members").mkdir(parents=True, exist_ok=True)
@@ -101,7 +119,8 @@ def run_spray(
         if len(idx) < 3:
             class_info[name] = {"n_samples": int(len(idx)), "skipped": "fewer than 3 samples"}
             continue
-        spray = _fit_class(settings, pooled[idx])
+        class_latent = [layer[idx] for _, layer in latent] if "latent" in views else None
+        spray = _fit_class(settings, pooled[idx], views, class_latent)
         graphs[k_index] = (name, spray.graph_)
         null_samples.extend(spray.null_log_conductances_)
         side = spray.maps_.shape[1:]
@@ -128,6 +147,7 @@ def run_spray(
             "stability": spray.stability_,
             "n_neighbors": spray.n_neighbors_,
             "n_components": spray.n_components_,
+            "views": list(views),
         }
         rows = pd.DataFrame(
             {
