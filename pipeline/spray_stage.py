@@ -66,8 +66,8 @@ def members_stem(out: Path, class_name: str, class_index: int, cluster: int) -> 
 
 
 def resolve_views(setting, has_latent: bool) -> tuple[str, ...]:
-    """``spray.views``: "auto" is the latent view alone when the store holds latent relevance (it flags cues the
-    pixel views miss and none they find, ``docs/spray.md``), else where + shape; a list is taken as given."""
+    """``spray.views``: "auto" is the latent view alone when the store holds latent relevance (it flags the cues the
+    pixel views flag and those they miss, ``docs/spray.md``), else where + shape; a list is taken as given."""
     if setting == "auto":
         return ("latent",) if has_latent else ("where", "shape")
     views = tuple(setting) if isinstance(setting, (list, tuple)) else ()

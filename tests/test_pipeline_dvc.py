@@ -37,7 +37,7 @@ TINY = {
 }
 USER = {
     "data": {"image_size": 48, "seed": 0},
-    "train": {"epochs": 6, "batch_size": 32},
+    "train": {"epochs": 10, "batch_size": 32},  # 6 left the model at ~43% (two classes at 0%): see below
     "spray": {"embeddings": ["tsne"]},
     "unlearn": {"compare_methods": []},
     "evaluate": {"methods": ["epsilon_plus_flat", "random"], "n_images": 12},
@@ -143,6 +143,9 @@ def _user_project(tmp_path_factory, name: str, fraction: float):
 
 
 def test_user_data_with_a_frame_is_flagged_unlearned_and_rerun_when_an_image_changes(tmp_path_factory):
+    # a model near chance splits its classes into "recognised" and "not recognised" maps with different logits,
+    # which the latent view can read as a strategy (docs/spray.md, Limits): after 6 epochs (test accuracy 0.43) one
+    # CI run flagged a star strategy next to the frame; 10 epochs (0.51, still improving) is the cheapest fix
     work, env, data, truth = _user_project(tmp_path_factory, "framed", 0.5)
     out = _run([*DVC, "repro"], work, env)
     assert "nan" not in out.lower().split("unlearn rrr-lrp")[-1].split("\n")[0]
