@@ -21,9 +21,10 @@ from scipy import integrate, optimize
 
 from .pooling import normalize_maps, sum_pool
 
-__all__ = ["VIEWS", "relevance_features", "shape_view", "latent_view", "denoise", "duplicate_groups"]
+__all__ = ["VIEWS", "PIXEL_VIEWS", "relevance_features", "shape_view", "latent_view", "denoise", "duplicate_groups"]
 
 VIEWS = ("where", "shape", "latent")
+PIXEL_VIEWS = ("where", "shape")  # what the maps alone give (no latent relevance stored): the default
 SHAPE_SIZE = 16  # the shape view's resolution: enough for a patch of a few percent of the image to keep its form
 SHAPE_RADIUS = 4  # offsets (cells) kept: a quarter of the map, where the shape of one blob shows
 MIN_COMPONENTS = 10
@@ -73,7 +74,7 @@ def relevance_features(
     maps: np.ndarray,
     pooled_size: int | None,
     normalization: str = "abs",
-    views: tuple[str, ...] = ("where", "shape"),
+    views: tuple[str, ...] = PIXEL_VIEWS,
     shape: np.ndarray | None = None,
     latent: list[np.ndarray] | None = None,
 ) -> np.ndarray:

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from .features import denoise, duplicate_groups, relevance_features, shape_view
+from .features import PIXEL_VIEWS, denoise, duplicate_groups, relevance_features, shape_view
 from .graph import WEIGHTINGS, knn_affinity, neighbors, spectral_embedding
 from .pooling import normalize_maps, sum_pool
 from .strategies import ClassGraph, NullModel, Strategy, find_strategies, null_log_conductances
@@ -106,7 +106,7 @@ class SpRAy:
         self,
         pooled_size: int | None = 8,
         normalization: str = "abs",
-        views: tuple[str, ...] = ("where", "shape"),
+        views: tuple[str, ...] = PIXEL_VIEWS,
         denoise: bool = True,
         n_neighbors: int | None = None,
         k_max: int = 8,

@@ -5,6 +5,7 @@
     python benchmarks/detection.py --list
     python benchmarks/detection.py --ceiling          # cached cases: what a supervised classifier gets from the maps
     python benchmarks/detection.py --per-view         # cached cases: joined views against each view on its own
+    python benchmarks/detection.py --latent-settings  # cached cases: the latent-view audit, settings one at a time
 
 Each case plants cues, trains a model, audits it (attribute, spray with the defaults of params.yaml), un-learns
 every flagged strategy with rrr-lrp and measures, with ground truth the pipeline never sees:
@@ -262,24 +263,36 @@ def never_saw_the_cue(cases: dict, work: Path) -> dict[str, dict[str, float]]:
 
 
 def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]:
-    """Every class of a cached case re-fitted with the defaults: per k, each cluster's size, -log10 p of its cut
-    under the audit's null (pooled over the classes, as the spray stage does) and its ARI with the planted cue."""
+    """Every class of a cached case re-fitted with the defaults (the views the spray stage would use on this store):
+    per k, each cluster's size, -log10 p of its cut under the audit's null (pooled over the classes, as the spray
+    stage does) and its ARI with the planted cue; and ``planted``, the same for the cut around the planted members
+    themselves (is the cue apart from the rest of its class in the graph at all?)."""
     from audits import SpRAy
     from audits.strategies import NullModel
     from pipeline.datasets import load_dataset
     from pipeline.relevance_store import RelevanceStore
+    from pipeline.spray_stage import resolve_views
 
     dataset, store = load_dataset(work / "prepared"), RelevanceStore(work / "store")
     table, truth = store.table(), _truth(case, work, dataset)
+    views = resolve_views("auto", "latent" in store.open())
     fits, cues = {}, {}
     for index, name in enumerate(dataset.classes):
         rows, maps = _class_maps(store, table, index)
-        fits[name] = SpRAy(random_state=0, embeddings=()).fit(maps)
+        latent = store.latent(rows["index"].to_numpy()) if "latent" in views else None
+        fits[name] = SpRAy(views=views, random_state=0, embeddings=()).fit(
+            maps, latent=[layer for _, layer in latent] if latent else None
+        )
         cues[name] = (truth.loc[rows.sample_id].to_numpy() != "").astype(int)
     null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_log_conductances_])
     out = {}
     for name, fit in fits.items():
         out[name] = {}
+        if cues[name].any():
+            node_share = np.bincount(fit.inverse_, weights=cues[name][fit._live], minlength=len(fit.graph_.counts))
+            node = node_share / fit.graph_.counts > 0.5
+            p = null.p_value(fit.graph_.conductance(node, ~node), fit.graph_.counts.sum())
+            out[name]["planted"] = [int(cues[name].sum()), round(-np.log10(max(p, 1e-300)), 1), 1.0]
         for k, labels in sorted(fit.labels_by_k_.items()):
             if k > k_max:
                 break
@@ -403,6 +416,87 @@ def per_view(cases: dict, work: Path) -> dict[str, dict]:
     return out
 
 
+#: settings tried around the latent view's defaults by ``--latent-settings`` (docs/spray.md, "The latent view")
+LATENT_SETTINGS = (
+    {},
+    {"layers": [0]},
+    {"layers": [1]},
+    {"n_neighbors": 6},
+    {"n_neighbors": 24},
+    {"weighting": "connectivity"},
+    {"weighting": "heat"},
+    {"denoise": False},
+)
+
+
+def _latent_audit(case: dict, folder: Path, setting: dict) -> dict:
+    """The spray stage's audit on the latent view of a cached store (every class against one pooled null), with
+    ``setting`` changed: ``layers`` picks stored latent layers by position, the rest are SpRAy arguments. Returns
+    the flagged strategies as ``class:maps:ARI`` and per cue its best strategy (ARI, flagged, rank)."""
+    from audits import SpRAy
+    from audits.clever_hans import audit_strategies
+    from pipeline.datasets import load_dataset
+    from pipeline.relevance_store import RelevanceStore
+
+    setting = dict(setting)
+    layers = setting.pop("layers", None)
+    dataset, store = load_dataset(folder / "prepared"), RelevanceStore(folder / "store")
+    table, truth = store.table(), _truth(case, folder, dataset)
+    pooled, latent = store.open()["pooled"][:], store.latent()
+    fits, graphs, cuts = {}, {}, []
+    for index, cls in enumerate(dataset.classes):
+        idx = np.flatnonzero(table.label.to_numpy() == index)
+        chosen = [layer[idx] for j, (_, layer) in enumerate(latent) if layers is None or j in layers]
+        fit = SpRAy(views=("latent",), stability_seeds=0, embeddings=(), **setting).fit(pooled[idx], latent=chosen)
+        fits[cls] = (fit, truth.loc[table.sample_id.to_numpy()[idx]].to_numpy() != "")
+        graphs[index] = (cls, fit.graph_)
+        cuts += fit.null_log_conductances_
+    strategies, _, _ = audit_strategies(graphs, cuts, 0.05)
+    cues = {a["class"] for a in case["artifacts"] if a["fraction"] > 0}
+    out = {"flagged": [], "cues": {}}
+    for r in strategies.itertuples():  # in rank order: of two equally good strategies the first ranked is kept
+        fit, planted = fits[r.class_name]
+        members = np.isin(fit.labels_, r.clusters)
+        ari = float(adjusted_rand_score(planted, members)) if planted.any() else 0.0
+        if r.flagged:
+            out["flagged"].append(f"{r.class_name}:{int(members.sum())}:{ari:.2f}")
+        best = out["cues"].get(r.class_name, {"ari": -1.0, "flagged": False})
+        if r.class_name in cues and (
+            ari > best["ari"] + 1e-6 or (ari > best["ari"] - 1e-6 and r.flagged > best["flagged"])
+        ):
+            out["cues"][r.class_name] = {"ari": ari, "flagged": bool(r.flagged), "rank": int(r.strategy_rank)}
+    return out
+
+
+def latent_settings(cases: dict, work: Path) -> dict[str, dict]:
+    """How the latent-view audit depends on its settings (:data:`LATENT_SETTINGS`), on every cached case: per
+    setting, the cues found (flagged, ARI >= 0.9, rank 1, or <= 2 with two cues) with the ones missed, and the
+    clean audits that flag anything."""
+    out = {}
+    for setting in LATENT_SETTINGS:
+        found, missed, alarms, audited = 0, [], [], 0
+        for name, case in cases.items():
+            folder = _case_dir(work, name)
+            if not (folder / "store").is_dir():
+                continue
+            result = _latent_audit(case, folder, setting)
+            if name.startswith("clean/"):
+                audited += 1
+                alarms += [f"{name}: {', '.join(result['flagged'])}"] if result["flagged"] else []
+                continue
+            for cls, cue in result["cues"].items():
+                ok = cue["flagged"] and cue["ari"] >= 0.9 and cue["rank"] <= (2 if "+" in name else 1)
+                found += ok
+                missed += [] if ok else [f"{name}/{cls}: ARI {cue['ari']:.2f}, flagged {cue['flagged']}"]
+        key = json.dumps(setting) if setting else "defaults"
+        out[key] = {
+            "cues_found": f"{found} of {found + len(missed)}", "missed": missed,
+            "clean_audits_flagging": f"{len(alarms)} of {audited}", "false_alarms": alarms,
+        }  # fmt: skip
+        print(f"{key}: {out[key]}", file=sys.stderr, flush=True)
+    return out
+
+
 def summarize(results: dict[str, dict]) -> dict:
     rows, controls = [], {}
     for name, r in results.items():
@@ -450,6 +544,8 @@ def main() -> None:
                         help="Cached cases: supervised, cross-validated ARI of the cue on SpRAy's views.")  # fmt: skip
     parser.add_argument("--per-view", action="store_true",
                         help="Cached cases: flags of the joined views against each view on its own.")  # fmt: skip
+    parser.add_argument("--latent-settings", action="store_true",
+                        help="Cached cases: the latent-view audit, its settings changed one at a time.")  # fmt: skip
     parser.add_argument("--k-scan", metavar="CASE", help="Per class and k: cluster size, -log10 p, ARI with the cue.")
     args = parser.parse_args()
     if args.k_scan:
@@ -466,6 +562,11 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             print(json.dumps(per_view({n: cases[n] for n in chosen}, args.work), indent=2))
+        return
+    if args.latent_settings:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            print(json.dumps(latent_settings({n: cases[n] for n in chosen}, args.work), indent=2))
         return
     if args.ceiling:
         with warnings.catch_warnings():

@@ -13,13 +13,14 @@ torch.Size([5, 4])
 """
 
 from . import canonizers, composites, layers, neuralized, rules
-from .attribution import PRECISIONS, Explanation, attribute, explain
+from .attribution import PRECISIONS, Explanation, attribute, explain, explained_layers
 from .errors import CanonizationError, LRPError, UnsupportedLayerError
 from .neuralized import neuralize
 
 __all__ = [
     "attribute",
     "explain",
+    "explained_layers",
     "Explanation",
     "PRECISIONS",
     "composites",

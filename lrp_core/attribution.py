@@ -149,7 +149,7 @@ def explain(
     undo = []
     try:
         units = build_units(model, composite, form)
-        _check_latent(latent, units)
+        check_latent(latent, [unit.path for unit in units])
         with _precision(precision, x.device.type) as autocast_dtype:
             session = Session(record_layers=record_layers, autocast_dtype=autocast_dtype, latent=tuple(latent))
             undo = attach(session, units)
@@ -189,10 +189,23 @@ def explain(
     )
 
 
-def _check_latent(latent, units) -> None:
+def explained_layers(model: nn.Module, composite: Composite | None = None) -> list[str]:
+    """Paths of the layers LRP explains under ``composite`` (what ``explain(..., latent=...)`` may name): a
+    BatchNorm merged into the layer before it, a pass-through or a container is not one. Read without running the
+    model, so a pipeline can refuse a bad ``latent`` list before any work."""
+    composite = EpsilonPlusFlat() if composite is None else composite
+    form = canonize(model, composite.canonizers)
+    try:
+        return [unit.path for unit in build_units(model, composite, form)]
+    finally:
+        form.undo()
+
+
+def check_latent(latent, explained: list[str]) -> None:
+    """Refuse latent layer paths that are not among ``explained`` (:func:`explained_layers`), listing those."""
     if isinstance(latent, str):
         raise TypeError(f"latent must be a list of layer paths, not the string {latent!r}")
-    known = {unit.path for unit in units}
+    known = set(explained)
     unknown = [path for path in latent if path not in known]
     if unknown:
         raise ValueError(f"latent layers {unknown} are not explained layers of the model; explained: {sorted(known)}")

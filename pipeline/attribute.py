@@ -186,14 +186,19 @@ def _concat(parts):
     )
 
 
-def resolve_latent_layers(arch: str, n_classes: int, setting) -> list[tuple[str, int]]:
+def resolve_latent_layers(
+    arch: str, n_classes: int, setting, composite=None, model_path: Path | str | None = None
+) -> list[tuple[str, int]]:
     """``attribute.latent_layers`` as ``[(path, channels), ...]``: "auto" picks :func:`lrp_core.latent.latent_layers`;
-    a list names layers (unknown ones are refused before any work); [] or null keeps none."""
+    a list names layers, checked against the layers LRP explains under ``composite`` (a merged BatchNorm is not one)
+    so that a bad name fails before any work; [] or null keeps none."""
+    from lrp_core import explained_layers
+    from lrp_core.attribution import check_latent
     from lrp_core.latent import channels_of, latent_layers
 
     if not setting:
         return []
-    model = build_model(arch, n_classes)
+    model = build_model(arch, n_classes, model_path).eval()
     if setting == "auto":
         paths = latent_layers(model)
     elif isinstance(setting, (list, tuple)) and all(isinstance(p, str) for p in setting):
@@ -201,6 +206,7 @@ def resolve_latent_layers(arch: str, n_classes: int, setting) -> list[tuple[str,
     else:
         raise AttributionError(f"attribute.latent_layers must be 'auto', a list of layer paths or []; got {setting!r}")
     try:
+        check_latent(paths, explained_layers(model, composite))
         return [(path, channels_of(model, path)) for path in paths]
     except ValueError as err:
         raise AttributionError(f"attribute.latent_layers: {err}") from None
@@ -283,11 +289,14 @@ def run_attribute(
     settings = section(params, "attribute", ATTRIBUTE_DEFAULTS)
     if settings["target"] not in ("label", "prediction"):
         raise AttributionError(f"attribute.target must be 'label' or 'prediction'; got {settings['target']!r}")
-    composite_for(settings["composite"], Normalizer(data["mean"], data["std"]))  # unknown names fail before any work
+    # unknown names fail before any work
+    composite = composite_for(settings["composite"], Normalizer(data["mean"], data["std"]))
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"model {model_path} not found: run the train stage first")
     dataset = load_dataset(prepared)
-    latent = resolve_latent_layers(model["arch"], len(dataset.classes), settings["latent_layers"])
+    latent = resolve_latent_layers(
+        model["arch"], len(dataset.classes), settings["latent_layers"], composite, model_path
+    )
     job = AttributionJob(
         prepared=str(prepared),
         model_path=str(model_path),

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from audits import SpRAy
 from audits.clever_hans import FALSE_ALARM_RATE, audit_strategies, cluster_statistics, rank_clusters
+from audits.features import PIXEL_VIEWS
 
 from .datasets import load_dataset
 from .io import write_json, write_with
@@ -69,7 +70,7 @@ def resolve_views(setting, has_latent: bool) -> tuple[str, ...]:
     """``spray.views``: "auto" is the latent view alone when the store holds latent relevance (it flags the cues the
     pixel views flag and those they miss, ``docs/spray.md``), else where + shape; a list is taken as given."""
     if setting == "auto":
-        return ("latent",) if has_latent else ("where", "shape")
+        return ("latent",) if has_latent else PIXEL_VIEWS
     views = tuple(setting) if isinstance(setting, (list, tuple)) else ()
     if not views:
         raise ValueError(f"spray.views must be 'auto' or a list of where, shape, latent; got {setting!r}")

@@ -254,9 +254,10 @@ def test_a_dying_dask_worker_has_its_task_rerun(setup, tmp_path, monkeypatch):
     np.testing.assert_allclose(_arrays(tmp_path / "out")["pooled"], _arrays(reference)["pooled"], rtol=1e-3, atol=1e-5)
 
 
-def test_an_unknown_latent_layer_is_refused_before_any_work(setup, tmp_path):
+@pytest.mark.parametrize("layer", ["nope", "9"])  # "9": small_cnn's BatchNorm after conv "8", merged into it
+def test_a_latent_layer_lrp_does_not_explain_is_refused_before_any_work(setup, tmp_path, layer):
     root, _, _ = setup
-    params = {**PARAMS, "attribute": {**PARAMS["attribute"], "latent_layers": ["nope"]}}
-    with pytest.raises(AttributionError, match="latent_layers: the model has no layer 'nope'"):
+    params = {**PARAMS, "attribute": {**PARAMS["attribute"], "latent_layers": [layer]}}
+    with pytest.raises(AttributionError, match=rf"latent_layers: latent layers \['{layer}'\] are not explained .*'8'"):
         run_attribute(params, root / "prepared", root / "model.pt", tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()

@@ -66,6 +66,17 @@ def test_an_unknown_latent_layer_names_the_explained_ones(model):
         lrp_core.explain(model, torch.randn(2, 3, 32, 32), 0, latent="8")
 
 
+def test_explained_layers_are_what_explain_accepts_and_leave_the_model_as_it_was(model):
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    explained = lrp_core.explained_layers(model)
+    assert {"0", "4", "8", "12", "17"} <= set(explained)  # every conv and the head
+    assert not {"1", "5", "9", "13"} & set(explained)  # the BatchNorms, merged into the convs before them
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert set(lrp_core.explain(model, torch.randn(2, 3, 32, 32), 0, latent=explained).latent) == set(explained)
+    with pytest.raises(ValueError, match=r"latent layers \['9'\] are not explained"):
+        lrp_core.explain(model, torch.randn(2, 3, 32, 32), 0, latent=["9"])
+
+
 def _same_maps_different_concepts(seed=0):
     """300 maps of one random family; a third of the samples use two extra channels (a concept the maps do not
     show: their maps are drawn like everyone else's)."""
