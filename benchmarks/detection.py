@@ -6,6 +6,7 @@
     python benchmarks/detection.py --ceiling          # cached cases: what a supervised classifier gets from the maps
     python benchmarks/detection.py --per-view         # cached cases: joined views against each view on its own
     python benchmarks/detection.py --latent-settings  # cached cases: the latent-view audit, settings one at a time
+    python benchmarks/detection.py --work /tmp/w --cases resnet18/frame --unlearn-only --set unlearn.epochs=5
 
 Each case plants cues, trains a model, audits it (attribute, spray with the defaults of params.yaml), un-learns
 every flagged strategy with rrr-lrp and measures, with ground truth the pipeline never sees:
@@ -90,8 +91,24 @@ def _cases() -> dict[str, dict]:
     return cases
 
 
+#: ``--set`` changes to params.yaml for this run: {(section, key): value}
+OVERRIDES: dict[tuple[str, str], object] = {}
+
+
+def _override(assignment: str) -> tuple[tuple[str, str], object]:
+    """``"unlearn.epochs=5"`` -> ``(("unlearn", "epochs"), 5)``, refusing keys params.yaml does not have."""
+    key, _, value = assignment.partition("=")
+    section, _, name = key.partition(".")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if not _ or name not in params.get(section, {}):
+        raise SystemExit(f"--set takes SECTION.KEY=VALUE with a key of params.yaml; got {assignment!r}")
+    return (section, name), yaml.safe_load(value)
+
+
 def _params(case: dict, work: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for (section, name), value in OVERRIDES.items():
+        params[section][name] = value
     seed = case.get("seed", 0)
     params["data"]["seed"] = seed
     params["train"]["seed"] = seed
@@ -546,8 +563,11 @@ def main() -> None:
                         help="Cached cases: flags of the joined views against each view on its own.")  # fmt: skip
     parser.add_argument("--latent-settings", action="store_true",
                         help="Cached cases: the latent-view audit, its settings changed one at a time.")  # fmt: skip
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="Change params.yaml for this run (with --work elsewhere: keeps the cache).")  # fmt: skip
     parser.add_argument("--k-scan", metavar="CASE", help="Per class and k: cluster size, -log10 p, ARI with the cue.")
     args = parser.parse_args()
+    OVERRIDES.update(_override(assignment) for assignment in args.set)
     if args.k_scan:
         print(json.dumps(k_scan(cases[args.k_scan], _case_dir(args.work, args.k_scan))))
         return
