@@ -302,27 +302,28 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
         )
         cues[name] = (truth.loc[rows.sample_id].to_numpy() != "").astype(int)
     null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_log_conductances_])
+
+    def score(fit, inside: np.ndarray) -> float:
+        """-log10 p of the cut around the maps ``inside`` (graph nodes are distinct non-zero maps: a node is inside
+        when most of its maps are), read at the class's size as the spray stage tests a strategy."""
+        share = np.bincount(fit.inverse_, weights=inside[fit._live], minlength=len(fit.graph_.counts))
+        node = share / fit.graph_.counts > 0.5
+        p = null.p_value(fit.graph_.conductance(node, ~node), fit.graph_.counts.sum())
+        return round(-np.log10(max(p, 1e-300)), 1)
+
     out = {}
     for name, fit in fits.items():
         out[name] = {}
         if cues[name].any():
-            node_share = np.bincount(fit.inverse_, weights=cues[name][fit._live], minlength=len(fit.graph_.counts))
-            node = node_share / fit.graph_.counts > 0.5
-            p = null.p_value(fit.graph_.conductance(node, ~node), fit.graph_.counts.sum())
-            out[name]["planted"] = [int(cues[name].sum()), round(-np.log10(max(p, 1e-300)), 1), 1.0]
+            out[name]["planted"] = [int(cues[name].sum()), score(fit, cues[name].astype(bool)), 1.0]
         for k, labels in sorted(fit.labels_by_k_.items()):
             if k > k_max:
                 break
             cells = []
             for cluster in range(k):
                 inside = labels == cluster
-                # graph nodes are distinct non-zero maps: a node is inside when most of its maps are
-                node_share = np.bincount(fit.inverse_, weights=inside[fit._live], minlength=len(fit.graph_.counts))
-                node = node_share / fit.graph_.counts > 0.5
-                # read at the class's size, as the spray stage tests a strategy against the rest of its class
-                p = null.p_value(fit.graph_.conductance(node, ~node), fit.graph_.counts.sum())
                 ari = adjusted_rand_score(cues[name], inside) if cues[name].any() else 0.0
-                cells.append([int(inside.sum()), round(-np.log10(max(p, 1e-300)), 1), round(ari, 2)])
+                cells.append([int(inside.sum()), score(fit, inside), round(ari, 2)])
             out[name][f"k={k}"] = cells
     return out
 
