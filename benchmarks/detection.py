@@ -262,7 +262,9 @@ def rerun_unlearning(case: dict, work: Path, result: dict) -> dict:
 
 def never_saw_the_cue(cases: dict, work: Path) -> dict[str, dict[str, float]]:
     """The clean-trained control (clean/builtin/0: same seed, so the same images without any cue) on each cached
-    built-in small_cnn case's attacked test split: how much of an attacked gap is corruption, not shortcut."""
+    built-in small_cnn case's attacked test split: how much of an attacked gap is corruption, not shortcut
+    (``attacked_gap``), and whether the cue alone already looks like its class to a model that never saw it as a
+    shortcut (``sent_to_class``: the other classes' attacked images it predicts as the cue's class)."""
     from pipeline.datasets import load_dataset
 
     control = work / "clean__builtin__0" / "model.pt"
@@ -275,15 +277,30 @@ def never_saw_the_cue(cases: dict, work: Path) -> dict[str, dict[str, float]]:
             continue
         params = _params(case, folder)
         figures = _attacked_accuracy(case, folder, load_dataset(folder / "prepared"), control, params)
-        out[name] = {a["class"]: round(figures["clean"] - figures[a["class"]], 3) for a in case["artifacts"]}
+        out[name] = {a["class"]: {"attacked_gap": round(figures["clean"] - figures[a["class"]], 3),
+                                  "sent_to_class": round(figures[f"{a['class']}/as_class"], 3)}
+                     for a in case["artifacts"]}  # fmt: skip
     return out
+
+
+def _separation(features: np.ndarray, inside: np.ndarray) -> float:
+    """How far a group lies from the rest along the line between their means, in units of their pooled spread along
+    it. Halving one Gaussian cloud at its median gives 2.65 whatever its dimension; two clouds side by side give their
+    distance: a group apart from the rest scores well above what the cuts through a cue-free class score."""
+    if inside.all() or not inside.any():
+        return float("nan")
+    direction = features[inside].mean(0) - features[~inside].mean(0)
+    a, b = features[inside] @ direction, features[~inside] @ direction
+    spread = np.sqrt(0.5 * (a.var() + b.var()))
+    return round(float((a.mean() - b.mean()) / spread), 2) if spread > 0 else float("inf")
 
 
 def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]:
     """Every class of a cached case re-fitted with the defaults (the views the spray stage would use on this store):
     per k, each cluster's size, -log10 p of its cut under the audit's null (pooled over the classes, as the spray
-    stage does) and its ARI with the planted cue; and ``planted``, the same for the cut around the planted members
-    themselves (is the cue apart from the rest of its class in the graph at all?)."""
+    stage does), its ARI with the planted cue and its separation from the rest of the class (:func:`_separation`);
+    and ``planted``, the same for the cut around the planted members themselves (is the cue apart from the rest of
+    its class in the graph at all?)."""
     from audits import SpRAy
     from audits.strategies import NullModel
     from pipeline.datasets import load_dataset
@@ -311,11 +328,14 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
         p = null.p_value(fit.graph_.conductance(node, ~node), fit.graph_.counts.sum())
         return round(-np.log10(max(p, 1e-300)), 1)
 
+    def cell(fit, inside: np.ndarray, ari: float) -> list:
+        return [int(inside.sum()), score(fit, inside), round(ari, 2), _separation(fit.features_, inside[fit._live])]
+
     out = {}
     for name, fit in fits.items():
         out[name] = {}
         if cues[name].any():
-            out[name]["planted"] = [int(cues[name].sum()), score(fit, cues[name].astype(bool)), 1.0]
+            out[name]["planted"] = cell(fit, cues[name].astype(bool), 1.0)
         for k, labels in sorted(fit.labels_by_k_.items()):
             if k > k_max:
                 break
@@ -323,7 +343,7 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
             for cluster in range(k):
                 inside = labels == cluster
                 ari = adjusted_rand_score(cues[name], inside) if cues[name].any() else 0.0
-                cells.append([int(inside.sum()), score(fit, inside), round(ari, 2)])
+                cells.append(cell(fit, inside, ari))
             out[name][f"k={k}"] = cells
     return out
 
