@@ -37,6 +37,7 @@ __all__ = [
     "Selection",
     "select_strategies",
     "build_region",
+    "mean_share_map",
     "feature_layer",
     "pattern_cav",
     "paste_artifact",
@@ -87,6 +88,7 @@ class ArtifactModel:
     cav_reference: float | None = None  # mean projection of non-members on the CAV
     held_out: list[str] = field(default_factory=list)  # members kept out of fine-tuning (R_bias is measured there)
     fixed_pixels: int = 0  # pixels of fixed content (``fixed_content``) added to the region and every member mask
+    rest_share: np.ndarray | None = None  # (H, W) the rest of the class's mean |R| share map (``mean_share_map``)
 
     @property
     def name(self) -> str:
@@ -157,6 +159,12 @@ def _share_maps(maps: np.ndarray) -> np.ndarray:
     a = np.abs(maps.astype(np.float64))
     total = a.sum((1, 2), keepdims=True)
     return a / np.where(total > 0, total, 1)
+
+
+def mean_share_map(maps: np.ndarray) -> np.ndarray:
+    """(H, W): the mean over ``maps`` of each map's |R| as shares of its total. For the rest of a class, the share
+    of relevance a map *without* the cue puts on each pixel: what un-learning may leave inside a mask."""
+    return _share_maps(maps).mean(0) if len(maps) else np.zeros(maps.shape[1:])
 
 
 def build_region(

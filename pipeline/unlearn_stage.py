@@ -31,6 +31,7 @@ from .artifact import (
     feature_layer,
     fixed_content,
     layer_activations,
+    mean_share_map,
     pattern_cav,
     select_strategies,
 )
@@ -90,9 +91,9 @@ def _artifact(
     table = store.table()
     rest = table.sample_id[(table.label == selection.class_index) & ~table.sample_id.isin(set(members))]
     rest = rest.sample(min(len(rest), REST_SAMPLE), random_state=settings["seed"]).tolist() if len(rest) else []
+    rest_maps = _member_maps(store, rest) if rest else None
     region, region_map, member_masks = build_region(
-        _member_maps(store, members), settings["region_sigma"], settings["region_threshold"],
-        rest_maps=_member_maps(store, rest) if rest else None,
+        _member_maps(store, members), settings["region_sigma"], settings["region_threshold"], rest_maps=rest_maps,
     )  # fmt: skip
     of_class = np.flatnonzero(train_rows.label.to_numpy() == selection.class_index)
     is_member = train_rows.sample_id.iloc[of_class].isin(set(members)).to_numpy()
@@ -105,7 +106,8 @@ def _artifact(
     fixed = fixed_content(train_x[of_class[is_member]], train_x[of_class[~is_member][:REST_SAMPLE]], near)
     region, member_masks = region | fixed, member_masks | fixed
     artifact = ArtifactModel(selection.class_index, selection.class_name, selection.clusters, members, region,
-                             region_map, member_masks, fixed_pixels=int(fixed.sum()))  # fmt: skip
+                             region_map, member_masks, fixed_pixels=int(fixed.sum()),
+                             rest_share=mean_share_map(rest_maps) if rest_maps is not None else None)  # fmt: skip
     if holdout and settings["holdout_fraction"] > 0:
         rng = np.random.default_rng([settings["seed"], selection.class_index])
         n_out = int(round(settings["holdout_fraction"] * len(members)))
@@ -243,6 +245,9 @@ def run_unlearn(
                       torch.tensor(val.label.to_numpy()))  # fmt: skip
     masks_t = torch.from_numpy(masks[keep])
     cavs = [a.cav for a in artifacts]
+    # what a map without the cue puts inside a mask is not the cue's: rrr-lrp penalises only the share above it
+    rest_shares = [a.rest_share for a in artifacts if a.rest_share is not None]
+    allowance = torch.from_numpy(np.mean(rest_shares, 0)).float() if rest_shares else None
     methods = list(dict.fromkeys([*settings["compare_methods"], settings["method"]]))
     results, chosen = {}, None
     for method in tqdm(methods, desc="methods", disable=not progress):
@@ -270,7 +275,7 @@ def run_unlearn(
                 stop_gap=settings["stop_gap"],
             )
             cleaned, info = fine_tune(model, images, labels, masks_t, member_index, config, cavs, layer, progress,
-                                      validation)  # fmt: skip
+                                      validation, allowance)  # fmt: skip
         results[method] = {
             **_evaluate(cleaned, splits, r_bias_data, composite, normalize),
             "seconds": time.perf_counter() - started,

@@ -178,6 +178,37 @@ def test_the_penalty_computed_on_the_masked_samples_only_equals_the_whole_batch_
         torch.testing.assert_close(a, b)
 
 
+def test_rrr_lrp_penalises_only_the_share_above_the_allowance():
+    """The allowance (what a map without the cue puts on each pixel) is subtracted from each sample's share inside
+    its mask, and nothing below it is penalised: a zero allowance is the plain penalty, one that covers a sample's
+    share frees that sample (and its gradient), and the rest pay for their excess only."""
+    from pipeline.unlearn import _share
+
+    torch.manual_seed(0)
+    model = small_cnn(3).double().eval()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    masks = torch.zeros(4, 32, 32, dtype=torch.float64)
+    masks[:, :4, :] = 1.0  # a band along the top: 1/8 of the image
+    config = UnlearnConfig(method="rrr-lrp")
+    _, plain = step_function(model, config, [], None)(x, y, masks)
+    _, zero = step_function(model, config, [], None, torch.zeros(32, 32))(x, y, masks)
+    torch.testing.assert_close(zero, plain)
+
+    import lrp_core
+    from lrp_core.composites import get_composite
+
+    relevance = lrp_core.explain(model, x, y, composite=get_composite("epsilon_plus_flat")).relevance
+    share = _share(relevance.sum(1).abs(), masks)
+    allowed = float(share.median())  # half the samples lie below it
+    allowance = torch.zeros(32, 32, dtype=torch.float64)
+    allowance[:4, :] = allowed / masks[0].sum()
+    _, penalty = step_function(model, config, [], None, allowance)(x, y, masks)
+    torch.testing.assert_close(penalty, (share - allowed).clamp_min(0).pow(2).mean())
+    assert 0 < penalty < plain
+    _, freed = step_function(model, config, [], None, allowance * 1e3)(x, y, masks)
+    assert freed == 0
+
+
 def test_fixed_content_completes_a_frame_that_relevance_reached_only_in_part():
     """A frame of one colour on the members, random texture elsewhere: the whole frame comes back from a relevance
     region on its top edge; a fixed tag far from the region, and a pixel constant in the whole class, do not."""
