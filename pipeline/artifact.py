@@ -185,7 +185,7 @@ def build_region(
     shares = _share_maps(member_maps)
     mean = shares.mean(0)
     if rest_maps is not None and len(rest_maps):
-        mean = np.clip(mean - _share_maps(rest_maps).mean(0), 0, None)
+        mean = np.clip(mean - mean_share_map(rest_maps), 0, None)
     mean = ndimage.gaussian_filter(mean, sigma)
     if not np.isfinite(mean).all() or mean.max() <= 0:
         raise ArtifactError("the members' relevance is all zero: there is no region to un-learn")
