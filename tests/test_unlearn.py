@@ -180,8 +180,8 @@ def test_the_penalty_computed_on_the_masked_samples_only_equals_the_whole_batch_
 
 def test_rrr_lrp_penalises_only_the_share_above_the_allowance():
     """The allowance (what a map without the cue puts on each pixel) is subtracted from each sample's share inside
-    its mask, and nothing below it is penalised: a zero allowance is the plain penalty, one that covers a sample's
-    share frees that sample (and its gradient), and the rest pay for their excess only."""
+    its mask, and nothing below it is penalised: a zero allowance is the plain penalty, one at the median share
+    charges only the samples above it for their excess, and one that covers every share charges nothing."""
     from pipeline.unlearn import _share
 
     torch.manual_seed(0)
