@@ -1,8 +1,9 @@
 """What SpRAy compares: two views of every relevance map, denoised, and groups of (near-)identical maps.
 
 - **where** the relevance lies: the map sum-pooled to ``pooled_size`` and normalised (``audits.pooling``);
-- **latent**: what the model used, wherever it lay: the relevance of the channels of a few layers, summed over
-  positions (``attribute.latent_layers``), each layer as shares of its |R| (signed); given, not computed from maps;
+- **latent**: what the model used, wherever it lay: the relevance of the channels of a few layers, pooled over
+  positions (``attribute.latent_layers``, ``attribute.latent_pool``), each layer as shares of its |R| (signed);
+  given, not computed from maps;
 - **what shape** it has wherever it lies: the autocorrelation of the map's |R| (Wiener-Khinchin: the inverse
   Fourier transform of its power spectrum), pooled to ``SHAPE_SIZE`` and cut to offsets of at most ``SHAPE_RADIUS``
   cells. It does not change when the map moves, so a cue at a different place in every image (a patch, a sticker)

@@ -620,7 +620,9 @@ def main() -> None:
         cached = folder / "result.json"
         spec = json.dumps(cases[name], sort_keys=True)
         valid = cached.is_file() and not args.fresh and json.loads(cached.read_text()).get("spec") == spec
-        if valid and args.reaudit and (folder / "model.pt").is_file():
+        # a case stopped after its training (train.json is written last) resumes from its model
+        trained = not cached.is_file() and not args.fresh and (folder / "train.json").is_file()
+        if (valid and args.reaudit or trained) and (folder / "model.pt").is_file():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[name] = reaudit(name, copy.deepcopy(cases[name]), folder)

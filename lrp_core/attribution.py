@@ -14,6 +14,7 @@ from .composites import Composite, EpsilonPlusFlat
 from .engine import LayerRecord, Session, attach, build_units, check_all_merged
 from .errors import LRPError
 from .graph_check import check_graph
+from .latent import LATENT_POOLS
 
 __all__ = ["attribute", "explain", "Explanation", "PRECISIONS"]
 
@@ -34,8 +35,9 @@ class Explanation:
     output_relevance: Tensor
     #: per layer call, top to bottom, when ``record_layers=True``
     layers: list[LayerRecord] | None = None
-    #: layer path -> ``(B, C)`` relevance of each output channel summed over positions (``latent=`` layers): the
-    #: concept relevance at that layer, which sums to what the layer passes on
+    #: layer path -> ``(B, C)`` relevance of each output channel pooled over positions (``latent=`` layers; ``(B,
+    #: P, C)`` for a list of P ``latent_pool`` names): the concept relevance at that layer; summed (``"sum"``), it
+    #: sums to what the layer passes on
     latent: dict[str, Tensor] | None = None
 
     def conservation_table(self) -> str:
@@ -119,6 +121,7 @@ def explain(
     *,
     record_layers: bool = False,
     latent: tuple[str, ...] | list[str] = (),
+    latent_pool: str | tuple[str, ...] | list[str] = "sum",
     precision: str | None = None,
     check_operations: bool = True,
 ) -> Explanation:
@@ -136,6 +139,9 @@ def explain(
         record_layers: record per-layer relevance sums (see :meth:`Explanation.conservation_table`).
         latent: paths of explained layers (``model.named_modules()`` names) whose per-channel relevance to keep in
             :attr:`Explanation.latent` (see :func:`lrp_core.latent.latent_layers` for a default choice).
+        latent_pool: how ``latent`` channels are pooled over positions: ``"sum"`` (conserving) or ``"max"`` (the
+            channel's peak; see :data:`lrp_core.latent.LATENT_POOLS`), giving ``(B, C)`` per layer; a list of them
+            gives ``(B, P, C)``, the P pools in the order given, from the same backward pass.
         precision: ``None``, ``"fp32"``, ``"tf32"`` or ``"bf16"`` (see ``PRECISIONS``).
         check_operations: verify that tensor operations between layers route relevance correctly.
     """
@@ -150,8 +156,15 @@ def explain(
     try:
         units = build_units(model, composite, form)
         check_latent(latent, [unit.path for unit in units])
+        pools = (latent_pool,) if isinstance(latent_pool, str) else tuple(latent_pool)
+        if not pools or any(pool not in LATENT_POOLS for pool in pools) or len(set(pools)) < len(pools):
+            raise ValueError(
+                f"latent_pool must be one of {LATENT_POOLS} or a list of distinct ones; got {latent_pool!r}"
+            )
         with _precision(precision, x.device.type) as autocast_dtype:
-            session = Session(record_layers=record_layers, autocast_dtype=autocast_dtype, latent=tuple(latent))
+            session = Session(
+                record_layers=record_layers, autocast_dtype=autocast_dtype, latent=tuple(latent), latent_pools=pools
+            )
             undo = attach(session, units)
             leaf = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
             with torch.enable_grad():
@@ -185,7 +198,13 @@ def explain(
         output=output if create_graph else output.detach(),
         output_relevance=start.detach().sum(1),
         layers=session.records,
-        latent={path: session.latent[path] for path in latent if path in session.latent} if latent else None,
+        latent={
+            path: session.latent[path][:, 0] if isinstance(latent_pool, str) else session.latent[path]
+            for path in latent
+            if path in session.latent
+        }
+        if latent
+        else None,
     )
 
 

@@ -77,25 +77,35 @@ class Session:
     """State shared by the units during one attribution call."""
 
     def __init__(
-        self, record_layers: bool = False, autocast_dtype: torch.dtype | None = None, latent: tuple[str, ...] = ()
+        self,
+        record_layers: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+        latent: tuple[str, ...] = (),
+        latent_pools: tuple[str, ...] = ("sum",),
     ):
         self.lrp_active = False
         self.records: list[LayerRecord] | None = [] if record_layers else None
         self.autocast_dtype = autocast_dtype
-        #: unit path -> (B, C) relevance of each output channel, summed over the other axes (``latent``)
+        #: unit path -> (B, P, C) relevance of each output channel, pooled over the other axes in each of the P
+        #: ways ``latent_pools`` names (``latent``)
         self.latent_paths = frozenset(latent)
+        self.latent_pools = latent_pools
         self.latent: dict[str, Tensor] = {}
 
     def keep_latent(self, unit: Unit, relevance: Tensor) -> None:
-        """Relevance arriving at ``unit``'s output, per channel (axis 1): the concept relevance of its channels.
-        A module called more than once (a shared block) adds up its calls' channel relevance."""
+        """Relevance arriving at ``unit``'s output, per channel (axis 1), pooled over positions (see
+        :data:`lrp_core.latent.LATENT_POOLS`). A module called more than once (a shared block) combines its calls
+        the same way (sums add up, peaks take the larger)."""
         if unit.path not in self.latent_paths:
             return
         channels = relevance.detach().float()
-        if channels.dim() > 2:
-            channels = channels.sum(tuple(range(2, channels.dim())))
+        positions = channels.flatten(2) if channels.dim() > 2 else channels[..., None]
+        pooled = torch.stack([positions.sum(2) if p == "sum" else positions.amax(2) for p in self.latent_pools], 1)
         previous = self.latent.get(unit.path)
-        self.latent[unit.path] = channels if previous is None else previous + channels
+        if previous is not None:
+            sums = torch.tensor([p == "sum" for p in self.latent_pools], device=pooled.device)[None, :, None]
+            pooled = torch.where(sums, previous + pooled, torch.maximum(previous, pooled))
+        self.latent[unit.path] = pooled
 
 
 @dataclass(eq=False)

@@ -1,23 +1,31 @@
 """Which layers' channel relevance to keep for a latent (concept) view of a model's strategies.
 
-A heatmap says *where* a model looked; the relevance of a layer's channels, summed over positions, says *what* it
-used there, wherever it lay. Two layers are kept by default: the convolution two thirds of the way up the
-convolutional stack and the last one. Why these (measured in ``docs/spray.md``, "The latent view"): the last
-convolution holds object-level concepts (a frame on disks, a watermark: ARI 0.99-1.0 where the pixel views reach
-0.66), a layer further down holds texture-level ones (a noise patch on stars: 0.94 there); the first third of the
-stack describes colours and textures of the whole image (two background photographs), which split clean classes
-into groups that are not strategies (false flags in 3 of 4 audits of the digits-on-photos family when it was used).
+A heatmap says *where* a model looked; the relevance of a layer's channels, pooled over positions, says *what* it
+used there, wherever it lay (``LATENT_POOLS``: its total, its peak). Two layers are kept by default: the convolution
+two thirds of the way up the convolutional stack and the last one. Why these (measured in ``docs/spray.md``, "The
+latent view"): the last convolution holds object-level concepts (a frame on disks, a watermark: ARI 0.99-1.0 where
+the pixel views reach 0.66), a layer further down holds texture-level ones (a noise patch on stars: 0.94 there);
+the first third of the stack describes colours and textures of the whole image (two background photographs), which
+split clean classes into groups that are not strategies (false flags in 3 of 4 audits of the digits-on-photos
+family when it was used).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["latent_layers", "channels_of", "LATENT_DEPTHS"]
+__all__ = ["latent_layers", "channels_of", "LATENT_DEPTHS", "LATENT_POOLS"]
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: where in the convolutional stack (0 = first convolution, 1 = last) the default latent layers sit
 LATENT_DEPTHS = (2 / 3, 1.0)
+#: how a channel's relevance is pooled over positions. ``sum``: its total relevance (conserving: the channels sum
+#: to what the layer passes on; CRP's concept relevance). ``max``: its relevance at its most relevant position, how
+#: strongly the concept was used *somewhere*. They see different cues (docs/spray.md, "The latent view"): a small
+#: patch at a random place beside the object adds a peak to a few texture channels but little to their sums, where
+#: the object's relevance dominates (max flags it, sum does not); a thin frame adds a little at every border
+#: position, much in sum and little at any one peak (sum flags it, max does not). The pipeline keeps both.
+LATENT_POOLS = ("sum", "max")
 
 
 def latent_layers(model: nn.Module, depths: tuple[float, ...] = LATENT_DEPTHS) -> list[str]:

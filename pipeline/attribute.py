@@ -45,6 +45,7 @@ ATTRIBUTE_DEFAULTS = {
     "scheduler": None,  # address of a Dask scheduler
     "workers": 0,  # >0: start a local Dask cluster with this many workers (one per GPU when there are GPUs)
     "latent_layers": "auto",  # layers whose channel relevance SpRAy's latent view uses (lrp_core.latent); [] none
+    "latent_pool": ["sum", "max"],  # total and peak over positions: a spread cue and a small one (lrp_core.latent)
 }
 CODE_VERSION = "lrp_core-" + lrp_core.__version__
 
@@ -74,6 +75,7 @@ class AttributionJob:
     device: str
     threads: int | None
     latent_layers: tuple[str, ...] = ()
+    latent_pools: tuple[str, ...] = ("sum", "max")
 
     def rows(self, dataset: Dataset) -> pd.DataFrame:
         return dataset.split(self.split).reset_index(drop=True)
@@ -123,7 +125,7 @@ class BlockComputer:
         try:
             explanation = lrp_core.explain(
                 self.model, x, target, composite=self.composite, precision=self.job.precision,
-                latent=self.job.latent_layers,
+                latent=self.job.latent_layers, latent_pool=self.job.latent_pools,
             )  # fmt: skip
         except lrp_core.LRPError as err:
             ids = self.rows.sample_id.iloc[start : start + len(images)].tolist()
@@ -145,7 +147,7 @@ class BlockComputer:
             }
         )
         table["correct"] = table.prediction == table.label
-        latent = [explanation.latent[path] for path in self.job.latent_layers]
+        latent = [explanation.latent[path].flatten(1) for path in self.job.latent_layers]  # (B, P * C): pool-major
         return (
             heat.to(torch.float16).cpu().numpy(),
             pooled.float().cpu().numpy(),
@@ -184,6 +186,19 @@ def _concat(parts):
         pd.concat(tables, ignore_index=True),
         None if latent[0] is None else np.concatenate(latent),
     )
+
+
+def latent_pools(setting) -> tuple[str, ...]:
+    """``attribute.latent_pool`` (one name of ``lrp_core.latent.LATENT_POOLS`` or a list of distinct ones) as a tuple,
+    refused with the allowed names before any work."""
+    from lrp_core.latent import LATENT_POOLS
+
+    pools = (setting,) if isinstance(setting, str) else tuple(setting or ())
+    if not pools or any(pool not in LATENT_POOLS for pool in pools) or len(set(pools)) < len(pools):
+        raise AttributionError(
+            f"attribute.latent_pool must be one of {LATENT_POOLS} or a list of distinct ones; got {setting!r}"
+        )
+    return pools
 
 
 def resolve_latent_layers(
@@ -289,6 +304,7 @@ def run_attribute(
     settings = section(params, "attribute", ATTRIBUTE_DEFAULTS)
     if settings["target"] not in ("label", "prediction"):
         raise AttributionError(f"attribute.target must be 'label' or 'prediction'; got {settings['target']!r}")
+    pools = latent_pools(settings["latent_pool"])
     # unknown names fail before any work
     composite = composite_for(settings["composite"], Normalizer(data["mean"], data["std"]))
     if not Path(model_path).is_file():
@@ -315,6 +331,7 @@ def run_attribute(
         device=settings["device"],
         threads=settings["threads"],
         latent_layers=tuple(path for path, _ in latent),
+        latent_pools=pools,
     )
     rows = job.rows(dataset)
     empty = [c for k, c in enumerate(dataset.classes) if not (rows.label == k).any()]
@@ -328,7 +345,7 @@ def run_attribute(
         len(dataset.classes),
         settings["batch_size"],
         settings["block_batches"],
-        sum(channels for _, channels in latent),
+        len(pools) * sum(channels for _, channels in latent),
     )
     attrs = {
         "model_sha256": file_sha256(model_path),
@@ -342,7 +359,9 @@ def run_attribute(
         "classes": dataset.classes,
         "code_version": CODE_VERSION,
         "data_root": str(dataset.root),
-        "latent_layers": [list(pair) for pair in latent],
+        # the latent array's blocks in column order: each layer pooled each way ("<path>:<pool>")
+        "latent_layers": [[f"{path}:{pool}", channels] for path, channels in latent for pool in pools],
+        "latent_pool": list(pools),
     }
     store = RelevanceStore(out)
     blocks = store.open_for_writing(layout, attrs)

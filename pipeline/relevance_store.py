@@ -7,7 +7,8 @@ Layout of ``<out>/``::
                          logits  (N, C)   float32    model outputs (for exports)
                          latent  (N, D)   float32    per-channel relevance of the latent layers, joined (only when
                                                      ``attribute.latent_layers`` names any; attrs ``latent_layers``:
-                                                     [[path, channels], ...] in column order)
+                                                     [["<path>:<pool>", channels], ...], the blocks in column order,
+                                                     each layer pooled over positions each way ``latent_pool`` lists)
                          attrs: fingerprint, model hash, composite, target, pooling, code version, ...
     parts/block-000007.parquet   the rows of block 7; written (atomically) only after its arrays
     samples.parquet      all rows, in sample order, once every block is done
@@ -177,8 +178,8 @@ class RelevanceStore:
         return pd.read_parquet(self.table_path)
 
     def latent(self, indices=None) -> list[tuple[str, object]] | None:
-        """The latent relevance of the samples at ``indices`` (all: None), split per layer as ``[(path, (n, C)
-        float32 array), ...]``; None when the store holds none."""
+        """The latent relevance of the samples at ``indices`` (all: None), split per block (a layer pooled one way)
+        as ``[("<path>:<pool>", (n, C) float32 array), ...]``; None when the store holds none."""
         group = self.open()
         if "latent" not in group:
             return None

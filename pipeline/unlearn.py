@@ -88,7 +88,8 @@ class _FeatureTap:
 
 
 def _penalise_masked(model: nn.Module, x, y, masks, share_of) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, mean(share^2))`` with the (costly, double-backward) share computed only for the samples that carry
+    """``(logits, mean(share^2))`` (for rrr-lrp the share above its allowance, ``step_function``) with the (costly,
+    double-backward) share computed only for the samples that carry
     a mask; the rest get a plain forward. In eval mode samples do not interact and a mask-free sample's share is 0,
     so this is the whole-batch value, at a fraction of the cost (on the default benchmark under half of a batch
     carries a mask: the members and the pasted images)."""

@@ -57,8 +57,9 @@ def test_store_equals_a_direct_lrp_core_call(setup):
     images = torch.from_numpy(load_images(dataset.root, rows.path, 48)).float() / 255
     x = (images - 0.5) / 0.25
     direct = lrp_core.explain(
-        model, x, torch.tensor(rows.label.to_numpy()), composite=composites.EpsilonPlusFlat(), latent=["8", "12"]
-    )
+        model, x, torch.tensor(rows.label.to_numpy()), composite=composites.EpsilonPlusFlat(), latent=["8", "12"],
+        latent_pool=("sum", "max"),  # attribute.latent_pool's default
+    )  # fmt: skip
     heat = direct.relevance.sum(1)
     arrays = _arrays(reference)
     torch.testing.assert_close(torch.from_numpy(arrays["heatmap"]), heat.half(), rtol=2e-3, atol=1e-4)
@@ -74,12 +75,16 @@ def test_store_equals_a_direct_lrp_core_call(setup):
     np.testing.assert_allclose(arrays["pooled"].sum((1, 2)), table.relevance_sum, rtol=1e-4)
     assert (table.correct == (table.prediction == table.label)).all()
     latent = RelevanceStore(reference).latent()  # attribute.latent_layers "auto": two thirds up and the last conv
-    assert [(path, layer.shape) for path, layer in latent] == [("8", (42, 128)), ("12", (42, 128))]
-    for path, layer in latent:
-        torch.testing.assert_close(torch.from_numpy(layer), direct.latent[path], rtol=1e-4, atol=1e-5)
+    blocks = [("8:sum", (42, 128)), ("8:max", (42, 128)), ("12:sum", (42, 128)), ("12:max", (42, 128))]
+    assert [(name, layer.shape) for name, layer in latent] == blocks
+    for name, layer in latent:
+        path, pool = name.split(":")
+        expected = direct.latent[path][:, ("sum", "max").index(pool)]
+        torch.testing.assert_close(torch.from_numpy(layer), expected, rtol=1e-4, atol=1e-5)
     attrs = zarr.open_group(reference / "relevance.zarr", mode="r").attrs
     assert attrs["model_sha256"] == file_sha256(root / "model.pt") and attrs["composite"] == "epsilon_plus_flat"
     assert attrs["complete"] and attrs["target"] == "label" and attrs["code_version"].startswith("lrp_core-")
+    assert attrs["latent_pool"] == ["sum", "max"]
 
 
 def test_pooling_conserves_relevance_for_any_sizes():
@@ -252,6 +257,15 @@ def test_a_dying_dask_worker_has_its_task_rerun(setup, tmp_path, monkeypatch):
     assert marker.exists(), "a worker really died while computing block 2"
     assert len(table) == 42
     np.testing.assert_allclose(_arrays(tmp_path / "out")["pooled"], _arrays(reference)["pooled"], rtol=1e-3, atol=1e-5)
+
+
+def test_an_unknown_latent_pool_is_refused_before_any_work(setup, tmp_path):
+    root, _, _ = setup
+    for bad in ("mean", [], ["max", "max"]):
+        params = {**PARAMS, "attribute": {**PARAMS["attribute"], "latent_pool": bad}}
+        with pytest.raises(AttributionError, match=rf"latent_pool must be one of .* distinct ones; got {bad!r}"):
+            run_attribute(params, root / "prepared", root / "model.pt", tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize("layer", ["nope", "9"])  # "9": small_cnn's BatchNorm after conv "8", merged into it

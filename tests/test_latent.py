@@ -37,6 +37,28 @@ def test_latent_relevance_is_the_relevance_of_the_upper_network_at_its_input(mod
     torch.testing.assert_close(full.latent["8"], upper.relevance.sum((2, 3)), rtol=1e-4, atol=1e-6)
 
 
+def test_max_pooled_latent_relevance_is_each_channels_peak_in_the_upper_networks_input_relevance(model):
+    """The same reference with ``latent_pool="max"``: the channel's relevance at its most relevant position, so a
+    small cue anywhere in the image is not averaged away by the object's relevance in the same channel."""
+    x = torch.randn(6, 3, 32, 32)
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    composite = composites.EpsilonPlus()
+    full = lrp_core.explain(model, x, target, composite=composite, latent=["4", "8"], latent_pool="max")
+    total = lrp_core.explain(model, x, target, composite=composite, latent=["8"])
+    both = lrp_core.explain(model, x, target, composite=composite, latent=["8"], latent_pool=["sum", "max"])
+    with torch.no_grad():
+        hidden = model[:10](x)
+    upper = lrp_core.explain(model[10:], hidden, target, composite=composite)
+    torch.testing.assert_close(full.latent["8"], upper.relevance.amax((2, 3)), rtol=1e-4, atol=1e-6)
+    assert full.latent["4"].shape == (6, channels_of(model, "4"))
+    # both pools from one backward pass: (B, 2, C) in the order asked
+    torch.testing.assert_close(both.latent["8"], torch.stack([total.latent["8"], full.latent["8"]], 1))
+    # the heatmap does not depend on how the latent channels are pooled
+    torch.testing.assert_close(full.relevance, total.relevance)
+    with pytest.raises(ValueError, match=r"latent_pool must be one of \('sum', 'max'\) .*; got 'mean'"):
+        lrp_core.explain(model, x, target, latent=["8"], latent_pool="mean")
+
+
 def test_latent_relevance_sums_to_what_the_layer_passes_on(model):
     x = torch.randn(4, 3, 32, 32)
     explanation = lrp_core.explain(model, x, 1, latent=latent_layers(model), record_layers=True)
