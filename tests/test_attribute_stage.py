@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -263,7 +264,9 @@ def test_an_unknown_latent_pool_is_refused_before_any_work(setup, tmp_path):
     root, _, _ = setup
     for bad in ("mean", [], ["max", "max"]):
         params = {**PARAMS, "attribute": {**PARAMS["attribute"], "latent_pool": bad}}
-        with pytest.raises(AttributionError, match=rf"latent_pool must be one of .* distinct ones; got {bad!r}"):
+        with pytest.raises(
+            AttributionError, match=rf"latent_pool must be one of .* distinct ones; got {re.escape(repr(bad))}"
+        ):
             run_attribute(params, root / "prepared", root / "model.pt", tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()
 
