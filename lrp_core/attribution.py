@@ -14,7 +14,7 @@ from .composites import Composite, EpsilonPlusFlat
 from .engine import LayerRecord, Session, attach, build_units, check_all_merged
 from .errors import LRPError
 from .graph_check import check_graph
-from .latent import LATENT_POOLS
+from .latent import check_pools
 
 __all__ = ["attribute", "explain", "Explanation", "PRECISIONS"]
 
@@ -156,11 +156,7 @@ def explain(
     try:
         units = build_units(model, composite, form)
         check_latent(latent, [unit.path for unit in units])
-        pools = (latent_pool,) if isinstance(latent_pool, str) else tuple(latent_pool)
-        if not pools or any(pool not in LATENT_POOLS for pool in pools) or len(set(pools)) < len(pools):
-            raise ValueError(
-                f"latent_pool must be one of {LATENT_POOLS} or a list of distinct ones; got {latent_pool!r}"
-            )
+        pools = check_pools(latent_pool)
         with _precision(precision, x.device.type) as autocast_dtype:
             session = Session(
                 record_layers=record_layers, autocast_dtype=autocast_dtype, latent=tuple(latent), latent_pools=pools

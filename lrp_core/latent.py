@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["latent_layers", "channels_of", "LATENT_DEPTHS", "LATENT_POOLS"]
+__all__ = ["latent_layers", "channels_of", "check_pools", "LATENT_DEPTHS", "LATENT_POOLS"]
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: where in the convolutional stack (0 = first convolution, 1 = last) the default latent layers sit
@@ -26,6 +26,15 @@ LATENT_DEPTHS = (2 / 3, 1.0)
 #: the object's relevance dominates (max flags it, sum does not); a thin frame adds a little at every border
 #: position, much in sum and little at any one peak (sum flags it, max does not). The pipeline keeps both.
 LATENT_POOLS = ("sum", "max")
+
+
+def check_pools(latent_pool) -> tuple[str, ...]:
+    """``latent_pool`` (one name of ``LATENT_POOLS`` or a list of distinct ones) as a tuple; a ValueError naming the
+    allowed ones otherwise."""
+    pools = (latent_pool,) if isinstance(latent_pool, str) else tuple(latent_pool or ())
+    if not pools or any(pool not in LATENT_POOLS for pool in pools) or len(set(pools)) < len(pools):
+        raise ValueError(f"latent_pool must be one of {LATENT_POOLS} or a list of distinct ones; got {latent_pool!r}")
+    return pools
 
 
 def latent_layers(model: nn.Module, depths: tuple[float, ...] = LATENT_DEPTHS) -> list[str]:

@@ -189,16 +189,13 @@ def _concat(parts):
 
 
 def latent_pools(setting) -> tuple[str, ...]:
-    """``attribute.latent_pool`` (one name of ``lrp_core.latent.LATENT_POOLS`` or a list of distinct ones) as a tuple,
-    refused with the allowed names before any work."""
-    from lrp_core.latent import LATENT_POOLS
+    """``attribute.latent_pool`` as a tuple of pool names, refused with the allowed names before any work."""
+    from lrp_core.latent import check_pools
 
-    pools = (setting,) if isinstance(setting, str) else tuple(setting or ())
-    if not pools or any(pool not in LATENT_POOLS for pool in pools) or len(set(pools)) < len(pools):
-        raise AttributionError(
-            f"attribute.latent_pool must be one of {LATENT_POOLS} or a list of distinct ones; got {setting!r}"
-        )
-    return pools
+    try:
+        return check_pools(setting)
+    except ValueError as err:
+        raise AttributionError(f"attribute.{err}") from None
 
 
 def resolve_latent_layers(
