@@ -25,7 +25,7 @@ from sklearn.metrics import adjusted_rand_score
 from .features import PIXEL_VIEWS, denoise, duplicate_groups, relevance_features, shape_view
 from .graph import WEIGHTINGS, knn_affinity, neighbors, spectral_embedding
 from .pooling import normalize_maps, sum_pool
-from .strategies import ClassGraph, NullModel, Strategy, find_strategies, null_log_conductances
+from .strategies import ClassGraph, GainNull, NullModel, Strategy, find_strategies, null_cuts
 
 __all__ = ["SpRAy", "choose_k"]
 
@@ -99,7 +99,7 @@ class SpRAy:
     ``gaps_`` (ratios ``lambda_{k+1} / lambda_k``), ``n_clusters_``, ``gap_strength_`` (the ratio at the chosen k),
     ``stability_``, ``labels_``, ``labels_by_k_``, ``embedding_`` (dict), ``n_neighbors_``, ``affinity_`` (on
     distinct maps), ``inverse_`` (each non-zero map's node in it), ``relevance_sum_`` (each map's sum: the
-    explained logit, by conservation), ``graph_`` and ``null_log_conductances_`` (for :meth:`strategies`).
+    explained logit, by conservation), ``graph_`` and ``null_cuts_`` (for :meth:`strategies`).
     """
 
     def __init__(
@@ -222,7 +222,7 @@ class SpRAy:
             shape = summed / self._counts[:, None]
         extra = {k: int(zero.sum())} if zero.any() else {}
         self.graph_ = ClassGraph(self.affinity_, node_labels[k], self._counts, relevance, extra, shape)
-        self.null_log_conductances_ = null_log_conductances(self.graph_)
+        self.null_cuts_ = null_cuts(self.graph_)
         self.embedding_ = {name: self._place(self._embed(name, k)[self.inverse_]) for name in self.embeddings}
         return self
 
@@ -292,13 +292,19 @@ class SpRAy:
         }
 
     def strategies(
-        self, false_alarm_rate: float = 0.05, null: NullModel | None = None, n_tests: int | None = None
+        self,
+        false_alarm_rate: float = 0.05,
+        null: NullModel | None = None,
+        n_tests: int | None = None,
+        gains: GainNull | None = None,
     ) -> list[Strategy]:
         """The class's strategies and their Clever-Hans evidence (``audits.strategies``). Alone, a class uses its
-        own null and ``n_tests`` = its number of clusters; an audit pools both over its classes."""
-        null = null or NullModel.fit(self.null_log_conductances_)
+        own nulls (isolation and gain, from :attr:`null_cuts_`) and ``n_tests`` = its number of clusters; an audit
+        pools them over its classes (``audits.clever_hans.audit_strategies``)."""
+        null = null or NullModel.fit(self.null_cuts_)
+        gains = gains or GainNull.fit(self.null_cuts_)
         threshold = false_alarm_rate / (n_tests or self.n_clusters_)
-        return find_strategies(self.graph_, null, threshold, false_alarm_rate)
+        return find_strategies(self.graph_, null, threshold, false_alarm_rate, gains)
 
     def _embed(self, name: str, k: int) -> np.ndarray:
         # embed the spectral coordinates: few dimensions, and the geometry the clusters were found in

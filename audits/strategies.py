@@ -22,14 +22,23 @@ model without shortcuts flags anything with probability at most ``false_alarm_ra
 1. **Merge**: adjacent clusters whose split is not significant are merged, least separated first, so a class
    without distinct strategies ends as one strategy (nothing to flag), and one with a cue as cue + rest.
 2. **Which side is the shortcut**: LRP conserves relevance, so a map's sum is the explained logit, and a shortcut
-   adds evidence: the Clever-Hans side is the one the model is *more* sure of (one-sided Mann-Whitney, members
-   against the rest of the class, at ``false_alarm_rate``).
+   adds evidence: the Clever-Hans side is the one the model is *more* sure of, by more than the parts of one
+   strategy are surer than each other: one-sided Mann-Whitney of the members' explained logits, divided by that
+   margin (:class:`GainNull`, learnt from the null's own Fiedler cuts), against the rest of the class's, at
+   ``false_alarm_rate`` over the number of isolated strategies (see 4). Without the margin Mann-Whitney finds any
+   difference at a few hundred maps: on digits drawn on two photographs, each class's two backgrounds are
+   distinct modes whose confidence differs by 3-18%, p down to 1.5e-4, no shortcut; there the parts of one
+   strategy differ by a factor 1.39-1.45, the photo cues by 1.63-1.96.
 3. **Group**: confident-side strategies of one class that are each other's main neighbour in the graph (more of
    each one's boundary runs to the other than to the rest of the class) and have the same shape wherever they lie
    (the translation-invariant view of ``audits.features``) are one cue seen at different places (a watermark left
    and right), so they become one strategy.
 4. **Flag** a strategy when its cut from the rest of the class is significant and it is the confident side; its
-   ranking score is ``-log10 p``.
+   ranking score is ``-log10 p``. The side test is Bonferroni-corrected over the *isolated* strategies (the
+   candidates, :func:`flag_strategies`): a class can hold genuinely distinct modes that are no shortcut (digits
+   on two kinds of photograph), which pass the isolation test by their structure, not by chance; then the side
+   test alone guards the false-alarm rate, and with m candidates at ``false_alarm_rate`` each it would flag one
+   of them by chance with probability up to m times that rate.
 """
 
 from __future__ import annotations
@@ -42,11 +51,15 @@ from scipy import stats
 
 from .graph import fiedler
 
-__all__ = ["NullModel", "ClassGraph", "Strategy", "null_log_conductances", "find_strategies", "FALSE_ALARM_RATE"]
+__all__ = [
+    "NullModel", "GainNull", "ClassGraph", "Strategy", "null_cuts", "find_strategies", "flag_strategies", "side_level",
+    "FALSE_ALARM_RATE",
+]  # fmt: skip
 
 FALSE_ALARM_RATE = 0.05
 MIN_SIDE = 5  # maps: no smaller piece of a cluster is cut for the null (nor one below the mean kNN degree)
 MIN_SCALE = 0.1  # floor of the null's spread (log units): a handful of nearly equal cuts must not make it razor thin
+MIN_GAIN_SCALE = 0.05  # floor of the gain null's spread (log units, 5%): the same, for the confidence of the sides
 MAX_SCORE = 300.0  # -log10 p of a cut that crosses no edge at all
 NULL_DEPTH = 2  # Fiedler cuts through each cluster and through each of its halves
 
@@ -65,8 +78,8 @@ class NullModel:
 
     @classmethod
     def fit(cls, cuts) -> NullModel:
-        """``cuts``: ``(log n, log phi)`` pairs (:func:`null_log_conductances`)."""
-        pairs = np.asarray([c for c in cuts if np.all(np.isfinite(c))], dtype=np.float64).reshape(-1, 2)
+        """``cuts``: ``(log n, log phi, ...)`` tuples (:func:`null_cuts`); the first two are read."""
+        pairs = np.asarray([c[:2] for c in cuts if np.all(np.isfinite(c[:2]))], dtype=np.float64).reshape(-1, 2)
         if len(pairs) < 3:
             # too few cuts to learn from: a cut crossing 10% of the edges, at unit spread (wide, so conservative)
             return cls(float(np.log(0.1)), 1.0, len(pairs))
@@ -89,6 +102,29 @@ class NullModel:
             return 1.0
         z = (np.log(conductance) - self.location - self.slope * np.log(max(size, 1.0))) / self.scale
         return float(stats.norm.cdf(z))
+
+
+@dataclass(frozen=True)
+class GainNull:
+    """How much surer the model is of one side of a cut through one strategy than of the other: ``scale``, the
+    spread (MAD) of the null cuts' signed log gains (a Fiedler cut has no preferred side, so they centre on 0).
+    The side test asks for a shortcut beyond it: members surer than the rest by more than ``exp(scale)``."""
+
+    scale: float
+    n: int
+
+    @classmethod
+    def fit(cls, cuts) -> GainNull:
+        """``cuts``: ``(log n, log phi, log gain)`` tuples (:func:`null_cuts`); the last is read."""
+        gains = np.asarray([c[2] for c in cuts if len(c) > 2 and np.isfinite(c[2])], dtype=np.float64)
+        if len(gains) < 3:
+            return cls(1.0, len(gains))  # too few cuts: unit spread in log units (wide, so conservative)
+        return cls(max(float(1.4826 * np.median(np.abs(gains))), MIN_GAIN_SCALE), len(gains))
+
+    @property
+    def margin(self) -> float:
+        """The factor a shortcut's side must be surer by: what one strategy's parts typically differ by."""
+        return float(np.exp(self.scale))
 
 
 @dataclass
@@ -121,33 +157,41 @@ class ClassGraph:
         return self.cut(a, b) / volume if volume > 0 else np.nan
 
 
-def _fiedler_cuts(affinity: sp.csr_matrix, counts: np.ndarray, depth: int, min_side: int) -> list[tuple[float, float]]:
-    """(log n, log phi) of the Fiedler cut of this graph and, down to ``depth`` levels, of each of its sides."""
+def _fiedler_cuts(
+    affinity: sp.csr_matrix, counts: np.ndarray, nodes: np.ndarray, depth: int, min_side: int
+) -> list[tuple[float, float, np.ndarray, np.ndarray]]:
+    """(log n, log phi, one side's nodes, the other's) of the Fiedler cut of this graph (``nodes``: its nodes'
+    indices in the class graph) and, down to ``depth`` levels, of each of its sides."""
     if counts.sum() < 2 * min_side or affinity.shape[0] < 3:
         return []
     vector = fiedler(affinity, vector=True)
     side = vector > np.median(vector)
     if min(counts[side].sum(), counts[~side].sum()) < min_side:
         return []
-    piece = ClassGraph(affinity, side.astype(int), counts, np.zeros(len(counts)))
-    phi = piece.conductance(side, ~side)
-    out = [(float(np.log(counts.sum())), float(np.log(phi)))] if phi > 0 else []
+    phi = ClassGraph(affinity, side.astype(int), counts, np.zeros(len(counts))).conductance(side, ~side)
+    out = [(float(np.log(counts.sum())), float(np.log(phi)), nodes[side], nodes[~side])] if phi > 0 else []
     if depth > 1:
         for half in (side, ~side):
-            out += _fiedler_cuts(affinity[half][:, half], counts[half], depth - 1, min_side)
+            out += _fiedler_cuts(affinity[half][:, half], counts[half], nodes[half], depth - 1, min_side)
     return out
 
 
-def null_log_conductances(graph: ClassGraph, depth: int = NULL_DEPTH) -> list[tuple[float, float]]:
-    """(log n, log phi) of Fiedler cuts through each cluster and through their halves (``depth`` levels): cuts
-    through one strategy, at two sizes. A cluster that still holds two groups gives one cut between them but two
-    within them, so the null stays a null of cuts through continua."""
+def null_cuts(graph: ClassGraph, depth: int = NULL_DEPTH) -> list[tuple[float, float, float]]:
+    """(log n, log phi, log gain) of Fiedler cuts through each cluster and through their halves (``depth`` levels):
+    cuts through one strategy, at two sizes, for both nulls (:class:`NullModel`, :class:`GainNull`). A cluster that
+    still holds two groups gives one cut between them but two within them, so the null stays a null of cuts
+    through continua. The gain is one side's median relevance sum over the other side's (nan when a median is not
+    positive): within one cluster, so that a cue in the class does not widen the null (a side against the rest of
+    the class would carry the cue's own gain into it)."""
     # a piece with fewer maps than a map has neighbours is mostly boundary: its cut says nothing about a continuum
     min_side = max(MIN_SIDE, int(round(graph.affinity.nnz / max(graph.affinity.shape[0], 1))))
     out = []
     for cluster in np.unique(graph.labels):
-        mask = graph.labels == cluster
-        out += _fiedler_cuts(graph.affinity[mask][:, mask], graph.counts[mask], depth, min_side)
+        nodes = np.flatnonzero(graph.labels == cluster)
+        for size, phi, side, other in _fiedler_cuts(graph.affinity[nodes][:, nodes], graph.counts[nodes], nodes,
+                                                    depth, min_side):  # fmt: skip
+            one, two = (np.median(np.repeat(graph.relevance[n], graph.counts[n])) for n in (side, other))
+            out.append((size, phi, float(np.log(one / two)) if one > 0 and two > 0 else np.nan))
     return out
 
 
@@ -160,38 +204,57 @@ class Strategy:
     conductance: float = np.nan  # of the cut from the rest of the class (nan: the whole class)
     p_value: float = 1.0
     relevance_gain: float = np.nan  # median relevance sum of members / of the rest
-    direction_p: float = 1.0  # one-sided Mann-Whitney: members' relevance sums above the rest's
+    direction_p: float = 1.0  # Mann-Whitney: members' relevance sums, over the gain null's margin, above the rest's
+    direction_threshold: float = FALSE_ALARM_RATE  # the side test's level (flag_strategies corrects it)
     flagged: bool = False
 
     @property
     def score(self) -> float:
         """Ranking evidence: -log10 of the isolation p-value when the strategy is the confident side, else 0."""
-        if self.direction_p >= FALSE_ALARM_RATE:
+        if self.direction_p >= self.direction_threshold:
             return 0.0
         return float(min(-np.log10(max(self.p_value, 10**-MAX_SCORE)), MAX_SCORE))
 
 
-def _direction(graph: ClassGraph, members: np.ndarray) -> tuple[float, float]:
-    """(median relevance sum of members / of the rest, one-sided Mann-Whitney p of members above the rest)."""
+def _direction(graph: ClassGraph, members: np.ndarray, margin: float = 1.0) -> tuple[float, float]:
+    """(median relevance sum of members / of the rest, one-sided Mann-Whitney p of members above the rest by more
+    than the factor ``margin``: the members' positive sums are divided by it before the test, a monotone map, so
+    the null is "surer by at most ``margin``")."""
     inside = np.repeat(graph.relevance[members], graph.counts[members])
     outside = np.repeat(graph.relevance[~members], graph.counts[~members])
     if len(inside) == 0 or len(outside) == 0:
         return np.nan, 1.0
     rest = np.median(outside)
     gain = float(np.median(inside) / rest) if rest > 0 else np.nan
-    return gain, float(stats.mannwhitneyu(inside, outside, alternative="greater").pvalue)
+    shifted = np.where(inside > 0, inside / margin, inside)
+    return gain, float(stats.mannwhitneyu(shifted, outside, alternative="greater").pvalue)
 
 
-def _evaluate(graph: ClassGraph, group: frozenset[int], null: NullModel, threshold: float, rate: float) -> Strategy:
+def _evaluate(
+    graph: ClassGraph, group: frozenset[int], null: NullModel, gains: GainNull | None, threshold: float, rate: float
+) -> Strategy:
     members = graph.mask(group)
     strategy = Strategy(sorted(group), int(graph.counts[members].sum()))
     if members.all():
         return strategy
     strategy.conductance = graph.conductance(members, ~members)
     strategy.p_value = null.p_value(strategy.conductance, graph.counts.sum())
-    strategy.relevance_gain, strategy.direction_p = _direction(graph, members)
-    strategy.flagged = strategy.p_value < threshold and strategy.direction_p < rate
+    strategy.relevance_gain, strategy.direction_p = _direction(graph, members, gains.margin if gains else 1.0)
     return strategy
+
+
+def side_level(p_values, threshold: float, rate: float) -> float:
+    """The side tests' level: ``rate`` over the number of isolated strategies (isolation p below ``threshold``)."""
+    return rate / max(int(np.sum(np.asarray(p_values) < threshold)), 1)
+
+
+def flag_strategies(strategies: list[Strategy], threshold: float, rate: float) -> None:
+    """Flag, in place, the strategies whose cut is significant (p < ``threshold``) and that are the confident side,
+    the side test at ``rate`` / the number of such isolated candidates (step 4 of the module docstring)."""
+    level = side_level([s.p_value for s in strategies], threshold, rate)
+    for s in strategies:
+        s.direction_threshold = level
+        s.flagged = s.p_value < threshold and s.direction_p < level
 
 
 def _merge_continua(graph: ClassGraph, null: NullModel, threshold: float) -> list[frozenset[int]]:
@@ -248,9 +311,13 @@ def _group_cues(graph: ClassGraph, groups: list[frozenset[int]], rate: float) ->
     return groups
 
 
-def find_strategies(graph: ClassGraph, null: NullModel, threshold: float, false_alarm_rate: float) -> list[Strategy]:
-    """The class's strategies with their evidence (steps 1-4 of the module docstring), in cluster order."""
+def find_strategies(
+    graph: ClassGraph, null: NullModel, threshold: float, false_alarm_rate: float, gains: GainNull | None = None
+) -> list[Strategy]:
+    """The class's strategies with their evidence (steps 1-4 of the module docstring), in cluster order.
+    ``gains``: the margin of the sides' confidence (:class:`GainNull`); None: no margin."""
     groups = _group_cues(graph, _merge_continua(graph, null, threshold), false_alarm_rate)
-    strategies = [_evaluate(graph, g, null, threshold, false_alarm_rate) for g in groups]
+    strategies = [_evaluate(graph, g, null, gains, threshold, false_alarm_rate) for g in groups]
     strategies += [Strategy([cluster], size) for cluster, size in graph.outside.items()]  # no evidence: never flagged
+    flag_strategies(strategies, threshold, false_alarm_rate)
     return sorted(strategies, key=lambda s: s.clusters[0])

@@ -3,6 +3,7 @@
     python benchmarks/detection.py                    # every case (about 1.5 hours on 2 CPU cores)
     python benchmarks/detection.py --cases small_cnn/stamp photo/frame clean/builtin
     python benchmarks/detection.py --list
+    python benchmarks/detection.py --respray          # cached cases: SpRAy and flags anew on the kept relevance stores
     python benchmarks/detection.py --ceiling          # cached cases: what a supervised classifier gets from the maps
     python benchmarks/detection.py --per-view         # cached cases: joined views against each view on its own
     python benchmarks/detection.py --latent-settings  # cached cases: the latent-view audit, settings one at a time
@@ -175,7 +176,6 @@ def run_case(name: str, case: dict, work: Path, keep_model: bool = False) -> dic
     from pipeline.attribute import run_attribute
     from pipeline.datasets import load_dataset
     from pipeline.photo_digits import PhotoDigitsConfig, write_photo_digits
-    from pipeline.spray_stage import run_spray
 
     work.mkdir(parents=True, exist_ok=True)
     params = _params(case, work)
@@ -193,6 +193,16 @@ def run_case(name: str, case: dict, work: Path, keep_model: bool = False) -> dic
                      progress=False)  # fmt: skip
     before = _attacked_accuracy(case, work, dataset, work / "model.pt", params)
     run_attribute(params, work / "prepared", work / "model.pt", work / "store", progress=False)
+    result = _audit(name, case, work, params, dataset, before)
+    _unlearn(case, params, work, dataset, result, before)
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _audit(name: str, case: dict, work: Path, params: dict, dataset, before: dict) -> dict:
+    """SpRAy on the case's store (the spray stage) and its detection figures against the planted truth."""
+    from pipeline.spray_stage import run_spray
+
     spray = run_spray(params, work / "store", work / "prepared", work / "spray", work / "spray.json", progress=False)
     strategies = pd.DataFrame(json.loads((work / "spray" / "strategies.json").read_text())["strategies"])
     samples = pd.read_parquet(work / "spray" / "samples.parquet")
@@ -217,8 +227,29 @@ def run_case(name: str, case: dict, work: Path, keep_model: bool = False) -> dic
             "conductance": row.conductance, "relevance_gain": row.relevance_gain,
         }  # fmt: skip
     result["spray"] = {k: v for k, v in spray.items() if k != "artifacts"}
-    _unlearn(case, params, work, dataset, result, before)
-    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def respray(name: str, case: dict, work: Path, cached: dict) -> dict:
+    """Audit again on a cached case with its model and relevance store kept (for changes to SpRAy or the flag rule
+    alone). Un-learning is not run again: its figures are kept when the same strategies are flagged, and dropped
+    (``unlearn_stale``) when the flags changed."""
+    from pipeline.datasets import load_dataset
+
+    params = _params(case, work)
+    dataset = load_dataset(work / "prepared")
+    before = _attacked_accuracy(case, work, dataset, work / "model.pt", params)
+    result = _audit(name, case, work, params, dataset, before)
+    same = result["flagged_strategies"] == cached["flagged_strategies"] and all(
+        a["flagged"] == cached["artifacts"].get(c, {}).get("flagged") for c, a in result["artifacts"].items()
+    )
+    if same and "unlearn" in cached:
+        result["unlearn"] = cached["unlearn"]
+        for c, a in result["artifacts"].items():
+            a.update({k: v for k, v in cached["artifacts"][c].items() if k not in a})
+    elif "unlearn" in cached:
+        result["unlearn_stale"] = True
+    result["seconds"] = cached.get("seconds")
     return result
 
 
@@ -318,7 +349,7 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
             maps, latent=[layer for _, layer in latent] if latent else None
         )
         cues[name] = (truth.loc[rows.sample_id].to_numpy() != "").astype(int)
-    null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_log_conductances_])
+    null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_cuts_])
 
     def score(fit, inside: np.ndarray) -> float:
         """-log10 p of the cut around the maps ``inside`` (graph nodes are distinct non-zero maps: a node is inside
@@ -436,7 +467,7 @@ def per_view(cases: dict, work: Path) -> dict[str, dict]:
             n_tests = sum(fits[v][c].n_clusters_ for v in used for c in dataset.classes)
             flagged = []
             for view in used:
-                null = NullModel.fit([cut for fit in fits[view].values() for cut in fit.null_log_conductances_])
+                null = NullModel.fit([cut for fit in fits[view].values() for cut in fit.null_cuts_])
                 for cls, fit in fits[view].items():
                     for strategy in fit.strategies(0.05, null, n_tests):
                         if strategy.flagged:
@@ -488,8 +519,8 @@ def _latent_audit(case: dict, folder: Path, setting: dict) -> dict:
         fit = SpRAy(views=("latent",), stability_seeds=0, embeddings=(), **setting).fit(pooled[idx], latent=chosen)
         fits[cls] = (fit, truth.loc[table.sample_id.to_numpy()[idx]].to_numpy() != "")
         graphs[index] = (cls, fit.graph_)
-        cuts += fit.null_log_conductances_
-    strategies, _, _ = audit_strategies(graphs, cuts, 0.05)
+        cuts += fit.null_cuts_
+    strategies, *_ = audit_strategies(graphs, cuts, 0.05)
     cues = {a["class"] for a in case["artifacts"] if a["fraction"] > 0}
     out = {"flagged": [], "cues": {}}
     for r in strategies.itertuples():  # in rank order: of two equally good strategies the first ranked is kept
@@ -576,6 +607,8 @@ def main() -> None:
                         help="Cached cases: keep model, store and audit; un-learn and score again.")  # fmt: skip
     parser.add_argument("--reaudit", action="store_true",
                         help="Cached cases: keep data and model; attribute, audit and un-learn again.")  # fmt: skip
+    parser.add_argument("--respray", action="store_true",
+                        help="Cached cases: keep model and store; SpRAy and flags anew (no un-learning).")  # fmt: skip
     parser.add_argument("--never-saw-the-cue", action="store_true",
                         help="The clean-trained control's attacked gap on each cached built-in case.")  # fmt: skip
     parser.add_argument("--ceiling", action="store_true",
@@ -626,6 +659,12 @@ def main() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[name] = reaudit(name, copy.deepcopy(cases[name]), folder)
+            results[name]["spec"] = spec
+            cached.write_text(json.dumps(results[name], indent=2, default=float))
+        elif valid and args.respray and (folder / "store").is_dir():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results[name] = respray(name, cases[name], folder, json.loads(cached.read_text()))
             results[name]["spec"] = spec
             cached.write_text(json.dumps(results[name], indent=2, default=float))
         elif valid and args.unlearn_only and (folder / "store").is_dir():

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from audits import SpRAy
 from audits.clever_hans import FALSE_ALARM_RATE, audit_strategies, cluster_statistics, rank_clusters
 from audits.features import PIXEL_VIEWS
+from audits.strategies import side_level
 
 from .datasets import load_dataset
 from .io import write_json, write_with
@@ -123,7 +124,7 @@ def run_spray(
         class_latent = [layer[idx] for _, layer in latent] if "latent" in views else None
         spray = _fit_class(settings, pooled[idx], views, class_latent)
         graphs[k_index] = (name, spray.graph_)
-        null_samples.extend(spray.null_log_conductances_)
+        null_samples.extend(spray.null_cuts_)
         side = spray.maps_.shape[1:]
         stats, class_means = cluster_statistics(
             spray.maps_.reshape(len(idx), -1), spray.labels_, side, table.correct.to_numpy()[idx],
@@ -167,7 +168,7 @@ def run_spray(
         samples.append(rows)
     if not cluster_rows:
         raise ValueError("no class has 3 or more samples: nothing to cluster")
-    strategies, null, threshold = audit_strategies(graphs, null_samples, settings["false_alarm_rate"])
+    strategies, null, gains, threshold = audit_strategies(graphs, null_samples, settings["false_alarm_rate"])
     for name, info in class_info.items():
         if "n_clusters" in info:
             info["n_strategies"] = int((strategies.class_name == name).sum())
@@ -193,6 +194,8 @@ def run_spray(
         "false_alarm_rate": settings["false_alarm_rate"],
         "p_threshold": threshold,
         "null": {"location": null.location, "slope": null.slope, "scale": null.scale, "n_cuts": null.n},
+        "gain_null": {"scale": gains.scale, "margin": gains.margin, "n_cuts": gains.n},
+        "side_threshold": side_level(strategies.p_value, threshold, settings["false_alarm_rate"]),
     }
     write_with(out / "samples.parquet", lambda tmp: samples.to_parquet(tmp, index=False))
     write_with(out / "clusters.parquet", lambda tmp: ranked.to_parquet(tmp, index=False))

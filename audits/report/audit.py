@@ -46,7 +46,9 @@ class ClusterView:
     stats: dict[str, float] = field(default_factory=dict)
     members: dict[str, str] = field(default_factory=dict)  # "json"/"csv" -> href of the sample-id list
     strategy: int = 0  # clusters of one class with the same strategy share its evidence, score and rank
-    evidence: dict[str, float] = field(default_factory=dict)  # conductance, null_conductance, p_value, relevance_gain
+    evidence: dict[str, float] = field(
+        default_factory=dict
+    )  # conductance, null_conductance, p_value, relevance_gain, null_gain
 
 
 @dataclass
@@ -146,6 +148,8 @@ def evidence_text(c: ClusterView) -> str:
     parts.append(f"p = {e['p_value']:.2g}")
     if np.isfinite(e.get("relevance_gain", np.nan)):
         parts.append(f"explained logit ×{e['relevance_gain']:.2f} the rest's")
+        if np.isfinite(e.get("null_gain", np.nan)):
+            parts[-1] += f" (parts of one strategy: ×{e['null_gain']:.2f})"
     return "; ".join(parts)
 
 
