@@ -64,8 +64,8 @@ def _evidence(strategies: dict) -> tuple[dict, str]:
             "null_conductance": s["null_conductance"],
             "p_value": s["p_value"],
             "relevance_gain": float("nan") if s["relevance_gain"] is None else s["relevance_gain"],
-            # one side of a cut through one strategy is typically this many times as sure as the other (1 sigma)
-            "null_gain": float(np.exp(strategies["gain_null"]["scale"])) if "gain_null" in strategies else float("nan"),
+            # one side of a cut through one strategy is typically this many times as sure as the other
+            "null_gain": strategies.get("gain_null", {}).get("margin", float("nan")),
         }
     side = strategies.get("side_threshold")
     rule = (f"p < {strategies['p_threshold']:.2g}: false-alarm rate {strategies['false_alarm_rate']:g} over the "
