@@ -4,8 +4,13 @@ Per flagged strategy (a group of one class's clusters; ``audits.strategies``):
 
 - samples: the strategy's members (the union of its clusters);
 - region: where the members' relevance moved: their mean |R| share map minus the rest of the class's (each map
-  L1-normalised, positive part), Gaussian-smoothed and thresholded at a share of its maximum; per-member masks
-  follow the cue where it moves (the member's own smoothed |R| above the same share, inside the dilated region);
+  L1-normalised, positive part), Gaussian-smoothed and thresholded at a share of its maximum;
+- per-member masks: with fixed content (below), the member's own smoothed |R| above the same share inside the
+  dilated region, plus the fixed content; without it the cue may move, and a region from the members' mean holds
+  only the places it visits often (noise patch: 45% of each patch covered, 81% of the mask on the object), so each
+  member's mask is where the *concept* is: LRP of the feature map's projection on the strategy's CAV
+  (:class:`ConceptReadout`, the CRP view of a CAV that Reveal to Revise localises artifacts with), positive part at
+  or above the same share of its maximum (noise patch: 99% covered; stamp, watermark: 99%, 90%);
 - fixed content: pixels where the members' *images* agree with each other far more than the rest of the class's
   do, next to the region: the part of a cue that sits at one place with one look (a frame), added whole to every
   member's mask, since relevance need not reach all of it (a frame's bottom edge got almost none, and un-learning
@@ -42,6 +47,8 @@ __all__ = [
     "pattern_cav",
     "paste_artifact",
     "fixed_content",
+    "ConceptReadout",
+    "concept_masks",
 ]
 
 REGION_DILATION = 3  # px: how far a member's own mask, and fixed content, may reach beyond the region
@@ -89,6 +96,7 @@ class ArtifactModel:
     held_out: list[str] = field(default_factory=list)  # members kept out of fine-tuning (R_bias is measured there)
     fixed_pixels: int = 0  # pixels of fixed content (``fixed_content``) added to the region and every member mask
     rest_share: np.ndarray | None = None  # (H, W) the rest of the class's mean |R| share map (``mean_share_map``)
+    mask_source: str = "relevance"  # "relevance" (own |R| in the region, plus fixed content) or "concept"
 
     @property
     def name(self) -> str:
@@ -105,6 +113,7 @@ class ArtifactModel:
             "region_pixels": int(self.region.sum()),
             "region_share": float(self.region.mean()),
             "fixed_pixels": self.fixed_pixels,
+            "mask_source": self.mask_source,
             "exemplar_ids": self.member_ids[:: max(1, len(self.member_ids) // 6)][:6],
         }
 
@@ -241,6 +250,64 @@ def feature_layer(model: nn.Module) -> str:
     if index == 0:
         raise ArtifactError(f"nothing precedes {pool!r}: name unlearn.cav_layer explicitly")
     return siblings[index - 1]
+
+
+class _LayerReached(Exception):
+    """Raised by the hook that ends :class:`ConceptReadout`'s pass at its layer."""
+
+
+class ConceptReadout(nn.Module):
+    """The model up to ``layer``, then its feature map projected on a concept direction, summed over positions.
+
+    Explaining this (B, 1) output with LRP gives each image's map of where the concept is (the CRP view of a CAV,
+    as Reveal to Revise localises artifacts): the relevance of the strategy's own direction, not of the class.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, cav: np.ndarray):
+        super().__init__()
+        module = dict(model.named_modules()).get(layer)
+        if module is None:
+            raise ArtifactError(f"unlearn.cav_layer {layer!r} is not a module of the model")
+        self.model, self.layer = model, module
+        self.project = nn.Conv2d(len(cav), 1, 1, bias=False)
+        self.project.weight.data = torch.as_tensor(np.asarray(cav), dtype=torch.float32).view(1, -1, 1, 1)
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept: list[torch.Tensor] = []
+
+        def stop(module, inputs, output):
+            kept.append(output)
+            raise _LayerReached
+
+        handle = self.layer.register_forward_hook(stop)
+        try:
+            self.model(x)
+        except _LayerReached:
+            pass
+        finally:
+            handle.remove()
+        if not kept or kept[0].dim() != 4:
+            raise ArtifactError("the concept layer must give a (B, C, H, W) feature map")
+        return self.flatten(self.pool(self.project(kept[0])))
+
+
+def concept_masks(
+    model: nn.Module, layer: str, cav: np.ndarray, x: torch.Tensor, composite, threshold: float,
+    batch_size: int = 64,
+) -> np.ndarray:  # fmt: skip
+    """(N, H, W) bool: per image, where the concept is: LRP of :class:`ConceptReadout` (positive part) at or above
+    ``threshold`` of the image's maximum. Follows a cue that moves, where a region from the members' mean cannot."""
+    import lrp_core  # here: the rest of this module needs no LRP
+
+    readout = ConceptReadout(model, layer, cav).eval()
+    maps = [
+        lrp_core.attribute(readout, x[i : i + batch_size], 0, composite=composite).sum(1).clamp_min(0).detach()
+        for i in range(0, len(x), batch_size)
+    ]
+    r = torch.cat(maps).numpy()
+    peak = r.max((1, 2), keepdims=True)
+    return (r >= threshold * peak) & (peak > 0)
 
 
 @torch.no_grad()

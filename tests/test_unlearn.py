@@ -209,6 +209,55 @@ def test_rrr_lrp_penalises_only_the_share_above_the_allowance():
     assert freed == 0
 
 
+def _red_patch_model() -> torch.nn.Module:
+    """Channel 0 answers red (red minus green and blue), channel 1 brightness: a cue detector and an object one."""
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, :, 1, 1] = torch.tensor([1.0, -1.0, -1.0])
+        conv.weight[1, :, 1, 1] = 1.0 / 3
+        conv.bias.copy_(torch.tensor([-0.2, -0.6]))
+    return torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(2, 2)).eval()  # fmt: skip
+
+
+def test_concept_masks_follow_a_cue_that_moves_and_leave_the_object():
+    """A red patch at a random place beside a white object: the member masks from the concept direction's LRP cover
+    the patch wherever it is and none of the object, where masks from the members' mean relevance region cannot
+    (the region of a moving cue holds only the places it visits often)."""
+    from pipeline.artifact import ConceptReadout, concept_masks
+
+    rng = np.random.default_rng(0)
+    n, size = 24, 32
+    x = torch.full((n, 3, size, size), 0.4)
+    patches = np.zeros((n, size, size), dtype=bool)
+    objects = np.zeros((n, size, size), dtype=bool)
+    for i in range(n):
+        oy, ox = rng.integers(4, 14, 2)
+        objects[i, oy : oy + 10, ox : ox + 10] = True
+        while True:
+            py, px = rng.integers(0, size - 5, 2)
+            if not objects[i, max(py - 1, 0) : py + 6, max(px - 1, 0) : px + 6].any():
+                break
+        patches[i, py : py + 5, px : px + 5] = True
+    x[torch.from_numpy(objects).unsqueeze(1).expand_as(x)] = 1.0
+    x[:, 0][torch.from_numpy(patches)] = 1.0
+    x[:, 1:][torch.from_numpy(patches).unsqueeze(1).expand(-1, 2, -1, -1)] = 0.0
+    model = _red_patch_model()
+    cav = np.array([1.0, 0.0])
+    readout = ConceptReadout(model, "1", cav)
+    with torch.no_grad():
+        features = torch.relu(model[0](x))
+    assert torch.allclose(readout(x).flatten(), features[:, 0].mean((1, 2)), atol=1e-6)
+    masks = concept_masks(model, "1", cav, x, composite=None, threshold=0.2)
+    both = (masks & patches).sum((1, 2))
+    assert (both / patches.sum((1, 2))).min() >= 0.9  # recall: the whole patch, wherever it went
+    assert (masks & objects).sum() == 0  # nothing of the object
+    assert (both / masks.sum((1, 2))).mean() >= 0.5  # precision: the patch and a one-pixel halo at most
+    with pytest.raises(ArtifactError, match="not a module"):
+        ConceptReadout(model, "7", cav)
+
+
 def test_fixed_content_completes_a_frame_that_relevance_reached_only_in_part():
     """A frame of one colour on the members, random texture elsewhere: the whole frame comes back from a relevance
     region on its top edge; a fixed tag far from the region, and a pixel constant in the whole class, do not."""
