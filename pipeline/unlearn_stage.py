@@ -105,7 +105,11 @@ def _artifact(
         )
     near = ndimage.binary_dilation(region, iterations=REGION_DILATION)
     fixed = fixed_content(train_x[of_class[is_member]], train_x[of_class[~is_member][:REST_SAMPLE]], near)
-    region, member_masks = region | fixed, member_masks | fixed
+    region = region | fixed
+    if fixed.any():
+        # content the members share at one place (a frame) is the cue itself; each member's own relevance around
+        # it adds a halo on the object (small_cnn frame: mask precision 0.37 with it, 1.00 without)
+        member_masks = np.broadcast_to(fixed, member_masks.shape).copy()
     x = normalize(torch.from_numpy(train_x[of_class]))
     cav, _ = pattern_cav(layer_activations(model, layer, x, pool="max").numpy(), is_member)
     if not fixed.any():
@@ -115,11 +119,9 @@ def _artifact(
         found = [i for i, m in enumerate(members) if m in position]
         inside = x[np.flatnonzero(is_member)[[position[members[i]] for i in found]]]
         member_masks[found] = concept_masks(model, layer, cav, inside, composite, settings["region_threshold"])
-    source = "relevance" if fixed.any() else "concept"
     artifact = ArtifactModel(selection.class_index, selection.class_name, selection.clusters, members, region,
                              region_map, member_masks, fixed_pixels=int(fixed.sum()),
-                             rest_share=mean_share_map(rest_maps) if rest_maps is not None else None,
-                             mask_source=source)  # fmt: skip
+                             rest_share=mean_share_map(rest_maps) if rest_maps is not None else None)  # fmt: skip
     if holdout and settings["holdout_fraction"] > 0:
         rng = np.random.default_rng([settings["seed"], selection.class_index])
         n_out = int(round(settings["holdout_fraction"] * len(members)))

@@ -165,6 +165,8 @@ def test_user_data_with_a_frame_is_flagged_unlearned_and_rerun_when_an_image_cha
     assert compare["r_bias_on"].startswith("held-out members")
     unlearn = json.loads((work / "metrics" / "unlearn.json").read_text())
     assert unlearn["artifacts"][0]["n_held_out"] >= 1
+    # the frame sits at one place with one look: its pixels, found in the images, are every member's mask
+    assert unlearn["artifacts"][0]["mask_source"] == "fixed" and unlearn["artifacts"][0]["fixed_pixels"] > 0
 
     image = data / "tree" / "train" / "disk" / "0000.png"
     Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
