@@ -106,13 +106,13 @@ def _artifact(
     near = ndimage.binary_dilation(region, iterations=REGION_DILATION)
     fixed = fixed_content(train_x[of_class[is_member]], train_x[of_class[~is_member][:REST_SAMPLE]], near)
     region = region | fixed
+    x = normalize(torch.from_numpy(train_x[of_class]))
+    cav, _ = pattern_cav(layer_activations(model, layer, x, pool="max").numpy(), is_member)
     if fixed.any():
         # content the members share at one place (a frame) is the cue itself; each member's own relevance around
         # it adds a halo on the object (small_cnn frame: mask precision 0.37 with it, 1.00 without)
         member_masks = np.broadcast_to(fixed, member_masks.shape).copy()
-    x = normalize(torch.from_numpy(train_x[of_class]))
-    cav, _ = pattern_cav(layer_activations(model, layer, x, pool="max").numpy(), is_member)
-    if not fixed.any():
+    else:
         # no content shared at one place: the cue may move, and the mean's region misses where it went (noise patch:
         # 45% of it covered, 81% of the mask elsewhere); each member's mask is where the concept is instead
         position = {s: i for i, s in enumerate(train_rows.sample_id.iloc[of_class[is_member]])}
