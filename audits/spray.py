@@ -317,8 +317,16 @@ class SpRAy:
             perplexity = float(np.clip((n - 1) / 3, 2, 30))
             return TSNE(2, perplexity=perplexity, init="pca", random_state=self.random_state).fit_transform(points)
         import umap
+        from sklearn.neighbors import NearestNeighbors
 
+        # exact neighbours handed in: UMAP's own search (pynndescent) costs more to compile (numba, ~10 s once per
+        # process on two cores) than it saves on a class of a few thousand low-dimensional points
+        n_neighbors = min(15, n - 1)
+        distances, indices = NearestNeighbors(n_neighbors=n_neighbors).fit(points).kneighbors(points)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # umap warns that a seed disables parallelism: that is the point
-            reducer = umap.UMAP(n_neighbors=min(15, n - 1), random_state=self.random_state, n_jobs=1)
+            # umap warns that a seed disables parallelism (that is the point) and that a precomputed kNN has no
+            # search index (nothing new is ever transformed)
+            warnings.simplefilter("ignore")
+            reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=self.random_state, n_jobs=1,
+                                precomputed_knn=(indices, distances))  # fmt: skip
             return reducer.fit_transform(points)

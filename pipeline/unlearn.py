@@ -202,9 +202,12 @@ def fine_tune(
     ``validation`` (normalised images, labels) turns ``config.epochs`` into a maximum: after each epoch the model
     is scored on them as they are and with members' artifacts pasted into every image of another class (the same
     pastes every epoch). The epoch with the best sum of both accuracies is kept, and training stops once the
-    pasted accuracy is within ``config.stop_gap`` of the plain one: the artifact no longer sways the decision,
-    which no ground truth is needed to see. A cue the model leans on harder takes more epochs; one it barely uses
-    stops after the first.
+    pasted accuracy is within ``config.stop_gap`` of the plain one (the artifact no longer sways the decision,
+    which no ground truth is needed to see), or once an epoch raised the pasted accuracy by less than its
+    standard error, sqrt(p (1 - p) / n) over the n validation images (no gain the validation split can tell from
+    chance: the pasted masks carry some of the source image around the cue, so the pasted accuracy levels off a
+    few points below the plain one and the first rule alone never fires). A cue the model leans on harder takes
+    more epochs; one it barely uses stops after the first.
 
     ``allowance`` (H, W): the share of relevance that rrr-lrp leaves unpenalised per pixel (:func:`step_function`).
     """
@@ -231,6 +234,8 @@ def fine_tune(
     sources_for = {int(c): sources[labels[sources] != c] for c in labels.unique()}
     last_good = copy.deepcopy(model.state_dict())
     check = _PastedValidation(validation, images, labels, masks, sources, config.seed) if validation else None
+    start = check(model) if check is not None else None  # the original's accuracies: epoch 1's baseline
+    previous = start[1] if start is not None else None
     best = (-np.inf, last_good)
     history, diverged, started = [], False, time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -285,12 +290,16 @@ def fine_tune(
             history[-1].update(val_acc=plain, val_pasted_acc=pasted)
             if plain + pasted > best[0]:
                 best = (plain + pasted, last_good)
-            if pasted >= plain - config.stop_gap:
+            if pasted >= plain - config.stop_gap or pasted - previous < check.standard_error(pasted):
                 break
+            previous = pasted
     if check is not None and not diverged:
         model.load_state_dict(best[1])
     model.eval()
-    return model, {"history": history, "diverged": diverged, "seconds": time.perf_counter() - started}
+    info = {"history": history, "diverged": diverged, "seconds": time.perf_counter() - started}
+    if start is not None:
+        info["validation_before"] = {"val_acc": start[0], "val_pasted_acc": start[1]}
+    return model, info
 
 
 class _PastedValidation:
@@ -304,6 +313,9 @@ class _PastedValidation:
             picks = sources[torch.randint(len(sources), (len(self.x),), generator=generator)]
             other = labels[picks] != self.y
             self.x_pasted[other] = paste_artifact(self.x[other], images[picks[other]], masks[picks[other]])
+
+    def standard_error(self, accuracy: float) -> float:
+        return math.sqrt(accuracy * (1 - accuracy) / max(len(self.y), 1))
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> tuple[float, float]:

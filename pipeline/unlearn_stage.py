@@ -304,6 +304,7 @@ def run_unlearn(
             "seconds": time.perf_counter() - started,
             "diverged": info["diverged"],
             "history": info["history"],
+            **({"validation_before": info["validation_before"]} if "validation_before" in info else {}),
         }
         if method == settings["method"]:
             chosen = cleaned
@@ -318,7 +319,7 @@ def run_unlearn(
         "artifacts": summaries,
         "r_bias_on": "attacked test images, true masks" if builtin else "held-out members, automatic masks",
         "before": before,
-        "after": {k: v for k, v in results[settings["method"]].items() if k != "history"},
+        "after": {k: v for k, v in results[settings["method"]].items() if k not in ("history", "validation_before")},
         "methods": results,
     }
     write_json(metrics_out, metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -133,6 +134,14 @@ def test_builtin_manifest_and_files(tmp_path):
     assert set(manifest.artifact_kind.dropna()) == {"stamp"}
     images = load_images(again.root, manifest.path[:3], 64)
     assert images.shape == (3, 3, 64, 64) and images.dtype == np.uint8
+
+
+def test_builtin_data_is_the_same_whether_its_splits_render_in_one_process_or_several(tmp_path):
+    one = write_builtin(tmp_path / "one", TINY, progress=False, workers=1)
+    two = write_builtin(tmp_path / "two", TINY, progress=False, workers=2)
+    pd.testing.assert_frame_equal(one.manifest, two.manifest)
+    for relative in [*one.manifest.path, *one.manifest.artifact_mask.dropna(), *one.manifest.object_mask]:
+        assert (tmp_path / "one" / relative).read_bytes() == (tmp_path / "two" / relative).read_bytes(), relative
 
 
 def _tree(root, counts):

@@ -101,6 +101,43 @@ def test_a_diverging_fine_tune_stops_with_the_last_good_weights():
         torch.testing.assert_close(value, model.state_dict()[name])
 
 
+@pytest.mark.parametrize(
+    ("scores", "epochs_run", "kept"),
+    [
+        # (plain, pasted) for the original, then after each epoch
+        ([(0.8, 0.40), (0.8, 0.60), (0.8, 0.70), (0.8, 0.75), (0.8, 0.77)], 4, 4),  # measurable gains: all 4 epochs
+        ([(0.8, 0.40), (0.8, 0.70), (0.8, 0.705), (0.8, 0.75), (0.8, 0.77)], 2, 2),  # +0.005 < SE (0.02): stop
+        ([(0.8, 0.40), (0.8, 0.79), (0.8, 0.75), (0.8, 0.75), (0.8, 0.77)], 1, 1),  # within stop_gap: stop
+        ([(0.8, 0.40), (0.8, 0.70), (0.7, 0.70), (0.8, 0.75), (0.8, 0.77)], 2, 1),  # stalls: the better epoch kept
+    ],
+)
+def test_fine_tuning_stops_when_the_pasted_validation_accuracy_stops_rising(monkeypatch, scores, epochs_run, kept):
+    """``epochs`` is a maximum: training stops once the artifacts no longer sway validation accuracy (stop_gap) or
+    an epoch raised the pasted accuracy by less than its standard error (here sqrt(0.7 * 0.3 / 500) = 0.02); the
+    epoch with the best plain + pasted sum is returned."""
+    from pipeline import unlearn
+
+    torch.manual_seed(0)
+    model = small_cnn(3).eval()
+    images, labels = torch.randn(64, 3, 32, 32), torch.randint(0, 3, (64,))
+    masks = torch.zeros(64, 32, 32, dtype=torch.bool)
+    validation = (torch.randn(500, 3, 32, 32), torch.randint(0, 3, (500,)))
+    seen = iter(scores)
+    states = []
+
+    def scripted(self, scored):
+        states.append({k: v.clone() for k, v in scored.state_dict().items()})
+        return next(seen)
+
+    monkeypatch.setattr(unlearn._PastedValidation, "__call__", scripted)
+    config = UnlearnConfig(method="vanilla", epochs=4, batch_size=16, paste_fraction=0.0, stop_gap=0.02)
+    cleaned, info = fine_tune(model, images, labels, masks, np.array([], dtype=np.int64), config, progress=False,
+                              validation=validation)  # fmt: skip
+    assert len(info["history"]) == epochs_run
+    for name, value in cleaned.state_dict().items():
+        torch.testing.assert_close(value, states[kept][name])
+
+
 def test_members_of_several_strategies_are_pasted_into_other_classes_and_the_batches_keep_their_labels(monkeypatch):
     """Two flagged strategies (classes 0 and 1): every pasted image gets a member's artifact from another class than
     its own label, and the pastes go into the batch's own images, so every epoch sees each label exactly as often
