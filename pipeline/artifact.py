@@ -95,7 +95,7 @@ class ArtifactModel:
     cav: np.ndarray | None = None  # (C,) unit vector in the feature layer
     cav_reference: float | None = None  # mean projection of non-members on the CAV
     held_out: list[str] = field(default_factory=list)  # members kept out of fine-tuning (R_bias is measured there)
-    fixed_pixels: int = 0  # pixels of fixed content (``fixed_content``): added to the region, and every member's mask
+    fixed_pixels: int = 0  # pixels of fixed content (``fixed_content``): in the region; each member's whole mask
     rest_share: np.ndarray | None = None  # (H, W) the rest of the class's mean |R| share map (``mean_share_map``)
 
     @property
