@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from . import embedding
 from .features import PIXEL_VIEWS, denoise, duplicate_groups, relevance_features, shape_view
 from .graph import WEIGHTINGS, knn_affinity, neighbors, spectral_embedding
 from .pooling import normalize_maps, sum_pool
@@ -312,21 +313,5 @@ class SpRAy:
         points = vectors[:, : max(k + 2, min(10, vectors.shape[1]))]
         n = len(points)
         if name == "tsne":
-            from sklearn.manifold import TSNE
-
-            perplexity = float(np.clip((n - 1) / 3, 2, 30))
-            return TSNE(2, perplexity=perplexity, init="pca", random_state=self.random_state).fit_transform(points)
-        import umap
-        from sklearn.neighbors import NearestNeighbors
-
-        # exact neighbours handed in: UMAP's own search (pynndescent) costs more to compile (numba, ~10 s once per
-        # process on two cores) than it saves on a class of a few thousand low-dimensional points
-        n_neighbors = min(15, n - 1)
-        distances, indices = NearestNeighbors(n_neighbors=n_neighbors).fit(points).kneighbors(points)
-        with warnings.catch_warnings():
-            # umap warns that a seed disables parallelism (that is the point) and that a precomputed kNN has no
-            # search index (nothing new is ever transformed)
-            warnings.simplefilter("ignore")
-            reducer = umap.UMAP(n_neighbors=n_neighbors, random_state=self.random_state, n_jobs=1,
-                                precomputed_knn=(indices, distances))  # fmt: skip
-            return reducer.fit_transform(points)
+            return embedding.tsne(points, self.random_state)
+        return embedding.umap(points, min(15, n - 1), self.random_state)

@@ -322,7 +322,7 @@ def concept_masks(
 
 @torch.no_grad()
 def layer_activations(
-    model: nn.Module, layer: str, x: torch.Tensor, pool: str = "max", batch_size: int = 256
+    model: nn.Module, layer: str, x: torch.Tensor, pool: str = "max", batch_size: int = 32
 ) -> torch.Tensor:
     """Spatially pooled (``max`` or ``mean``) activations ``(N, C)`` of ``layer``."""
     module = _module(model, layer)

@@ -103,7 +103,10 @@ def run_evaluate(
         return torch.cat([fn(*(t[i : i + settings["batch_size"]] for t in tensors))
                           for i in range(0, len(tensors[0]), settings["batch_size"])])  # fmt: skip
 
-    kwargs = {"patch": patch, "fill": settings["fill"], "steps": settings["steps"], "seed": settings["seed"]}
+    # perturbed images in batches of batch_size as well: 2x faster on two CPU cores than region_perturbation's
+    # default of 512 (whose activations spill out of the cache), bitwise the same curves
+    kwargs = {"patch": patch, "fill": settings["fill"], "steps": settings["steps"], "seed": settings["seed"],
+              "chunk": settings["batch_size"]}  # fmt: skip
     forward = inference_copy(model)  # the curves' ~15,000 forward passes: BatchNorm folded, 2x faster on a CPU
     results, curves = {}, {}
     first = None

@@ -65,8 +65,12 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return fast.to(memory_format=torch.channels_last)
 
 
-def predict(model: nn.Module, images: np.ndarray, normalize: Normalizer, batch_size: int = 256) -> np.ndarray:
-    """Predicted classes, in eval mode, without gradients."""
+def predict(model: nn.Module, images: np.ndarray, normalize: Normalizer, batch_size: int = 32) -> np.ndarray:
+    """Predicted classes, in eval mode, without gradients.
+
+    Batches of 32: on two CPU cores small_cnn's forward takes 1.5 ms per image in batches of 32 and 2.6 ms in
+    batches of 256, whose activations (130 MB in the first block) no longer fit the cache; the outputs are
+    bitwise the same."""
     model = inference_copy(model)
     out = []
     with torch.no_grad():

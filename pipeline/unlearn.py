@@ -36,6 +36,7 @@ import lrp_core
 from lrp_core.composites import get_composite
 
 from .artifact import ArtifactError, paste_artifact
+from .training import inference_copy
 
 __all__ = ["METHODS", "UnlearnConfig", "fine_tune", "fold_projection", "relevance_share", "step_function"]
 
@@ -218,7 +219,7 @@ def fine_tune(
         raise ValueError("p-clarc does not train: use fold_projection")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    original = copy.deepcopy(model).eval()
+    original = copy.deepcopy(model).eval()  # the anchor: unfused, so that fine-tuning sees its exact outputs
     loss_of = step_function(model, config, list(cavs), layer, allowance)
     n = len(images)
     steps = max(1, n // config.batch_size)
@@ -319,9 +320,9 @@ class _PastedValidation:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> tuple[float, float]:
-        model.eval()
+        model = inference_copy(model)  # BatchNorm folded, channels-last: 2x the forward speed of the model itself
         return tuple(
-            float(torch.cat([model(x[i : i + 256]).argmax(1) for i in range(0, len(x), 256)]).eq(self.y).float().mean())
+            float(torch.cat([model(x[i : i + 32]).argmax(1) for i in range(0, len(x), 32)]).eq(self.y).float().mean())
             for x in (self.x, self.x_pasted)
         )
 

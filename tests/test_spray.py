@@ -78,6 +78,38 @@ def test_embeddings_have_one_point_per_map():
     assert spray.embedding_["tsne"].shape == spray.embedding_["umap"].shape == (200, 2)
 
 
+def test_umap_embedding_is_umaps_own_graph_and_layout():
+    # audits.embedding builds UMAP's fuzzy graph in numpy (no numba compilation) and lays it out with umap's own
+    # function: the graph must be umap-learn's, and the same graph must give umap-learn's embedding exactly
+    import umap as umap_learn
+    from sklearn.neighbors import NearestNeighbors
+    from umap.umap_ import fuzzy_simplicial_set
+
+    from audits import embedding
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(size=(150, 6)), rng.normal(size=(60, 6)) + 4, rng.normal(size=(12, 6)) - 5])
+    points = points.astype(np.float32)
+    distances, indices = NearestNeighbors(n_neighbors=15).fit(points).kneighbors(points)
+    distances = distances.astype(np.float32)  # as umap's own path computes them (and our graph uses them)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # the same neighbours handed in (umap's own small-data path would compute them from a dense matrix)
+        reference = umap_learn.UMAP(n_neighbors=15, random_state=0, n_jobs=1, precomputed_knn=(indices, distances),
+                                    force_approximation_algorithm=True).fit(points)  # fmt: skip
+    ours = embedding.fuzzy_neighbor_graph(indices, distances).tocsr()
+    theirs, _, _ = fuzzy_simplicial_set(points, 15, np.random.RandomState(0), "euclidean", knn_indices=indices,
+                                        knn_dists=distances)  # fmt: skip
+    theirs = theirs.tocsr()
+    assert ours.nnz == theirs.nnz
+    assert abs(ours - theirs).max() < 1e-6  # float rounding
+    assert ours.max() <= 1 and abs(ours - ours.T).max() == 0  # a fuzzy union: symmetric memberships in [0, 1]
+
+    layout = embedding.umap_layout(reference.graph_, points, random_state=0)
+    np.testing.assert_array_equal(layout, reference.embedding_)
+    assert embedding.umap(points, 15, random_state=0).shape == (len(points), 2)
+
+
 def test_small_classes_are_clamped_with_a_warning():
     maps, _ = planted(6, seed=6)
     with pytest.warns(UserWarning, match="only 6 maps: eigenvalues clamped"):
