@@ -204,11 +204,11 @@ def fine_tune(
     is scored on them as they are and with members' artifacts pasted into every image of another class (the same
     pastes every epoch). The epoch with the best sum of both accuracies is kept, and training stops once the
     pasted accuracy is within ``config.stop_gap`` of the plain one (the artifact no longer sways the decision,
-    which no ground truth is needed to see), or once an epoch raised the pasted accuracy by less than its
-    standard error, sqrt(p (1 - p) / n) over the n validation images (no gain the validation split can tell from
-    chance: the pasted masks carry some of the source image around the cue, so the pasted accuracy levels off a
-    few points below the plain one and the first rule alone never fires). A cue the model leans on harder takes
-    more epochs; one it barely uses stops after the first.
+    which no ground truth is needed to see), or once an epoch raised the pasted accuracy by less than one
+    standard error of the paired difference (:meth:`_PastedValidation.gain_is_real`: no gain the validation split
+    can tell from chance; the pasted masks carry some of the source image around the cue, so the pasted accuracy
+    levels off a few points below the plain one and the first rule alone never fires). A cue the model leans on
+    harder takes more epochs; one it barely uses stops after the first.
 
     ``allowance`` (H, W): the share of relevance that rrr-lrp leaves unpenalised per pixel (:func:`step_function`).
     """
@@ -236,7 +236,6 @@ def fine_tune(
     last_good = copy.deepcopy(model.state_dict())
     check = _PastedValidation(validation, images, labels, masks, sources, config.seed) if validation else None
     start = check(model) if check is not None else None  # the original's accuracies: epoch 1's baseline
-    previous = start[1] if start is not None else None
     best = (-np.inf, last_good)
     history, diverged, started = [], False, time.perf_counter()
     for epoch in range(1, config.epochs + 1):
@@ -288,12 +287,12 @@ def fine_tune(
         history.append({"epoch": epoch, **totals})
         if check is not None:
             plain, pasted = check(model)
-            history[-1].update(val_acc=plain, val_pasted_acc=pasted)
+            history[-1].update(val_acc=plain, val_pasted_acc=pasted, val_pasted_gained=check.gained,
+                               val_pasted_lost=check.lost)  # fmt: skip
             if plain + pasted > best[0]:
                 best = (plain + pasted, last_good)
-            if pasted >= plain - config.stop_gap or pasted - previous < check.standard_error(pasted):
+            if pasted >= plain - config.stop_gap or not check.gain_is_real():
                 break
-            previous = pasted
     if check is not None and not diverged:
         model.load_state_dict(best[1])
     model.eval()
@@ -304,7 +303,8 @@ def fine_tune(
 
 
 class _PastedValidation:
-    """Validation accuracy as it is and with members' artifacts pasted into every image of another class."""
+    """Validation accuracy as it is and with members' artifacts pasted into every image of another class; each call
+    also counts the pasted images it turned right (``gained``) and wrong (``lost``) since the call before."""
 
     def __init__(self, validation, images, labels, masks, sources, seed: int):
         self.x, self.y = validation
@@ -314,17 +314,34 @@ class _PastedValidation:
             picks = sources[torch.randint(len(sources), (len(self.x),), generator=generator)]
             other = labels[picks] != self.y
             self.x_pasted[other] = paste_artifact(self.x[other], images[picks[other]], masks[picks[other]])
+        self.gained, self.lost, self._pasted_right = 0, 0, None
 
-    def standard_error(self, accuracy: float) -> float:
-        return math.sqrt(accuracy * (1 - accuracy) / max(len(self.y), 1))
+    def gain_is_real(self) -> bool:
+        """Did the last epoch raise the pasted accuracy by at least one standard error of a *paired* difference?
 
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        Both accuracies are measured on the same images, so the noise in their difference comes from the images
+        that changed side: McNemar's statistic with continuity correction, (gained - lost - 1) / sqrt(gained +
+        lost) >= 1. The standard error of one accuracy, sqrt(p (1 - p) / n), ignores the pairing and is 1.7x
+        larger on photo/watermark's second epoch (0.029 vs 0.018 at 270 images): it stopped an epoch that still
+        turned 15 images right and 8 wrong."""
+        return self.gained - self.lost - 1 >= math.sqrt(self.gained + self.lost)
+
+    def _right(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: predicted right as it is, and with the paste."""
         model = inference_copy(model)  # BatchNorm folded, channels-last: 2x the forward speed of the model itself
-        return tuple(
-            float(torch.cat([model(x[i : i + 32]).argmax(1) for i in range(0, len(x), 32)]).eq(self.y).float().mean())
-            for x in (self.x, self.x_pasted)
-        )
+        with torch.no_grad():
+            return tuple(
+                torch.cat([model(x[i : i + 32]).argmax(1) for i in range(0, len(x), 32)]).eq(self.y)
+                for x in (self.x, self.x_pasted)
+            )
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        plain_right, pasted_right = self._right(model)
+        if self._pasted_right is not None:
+            self.gained = int((pasted_right & ~self._pasted_right).sum())
+            self.lost = int((~pasted_right & self._pasted_right).sum())
+        self._pasted_right = pasted_right
+        return float(plain_right.float().mean()), float(pasted_right.float().mean())
 
 
 @torch.no_grad()
