@@ -1,8 +1,8 @@
 """Seeded 2-D pictures of a class's spectral coordinates: t-SNE and UMAP (for a look; nothing is decided on them).
 
 Both are built for the audit's case, a few hundred to a few thousand points in at most ten dimensions, where their
-fixed costs, not their scaling, set the time (measured on two CPU cores, six classes of 500 points; README "Run
-time"):
+fixed costs, not their scaling, set the time (measured on two CPU cores, six classes of 500 points:
+``benchmarks/embedding_speed.py``, and the run-time table in the README's un-learning section):
 
 - **UMAP**: ``umap.UMAP(...).fit_transform`` builds its fuzzy neighbour graph, on fewer than 4,096 points, from a
   dense distance matrix through numba functions (one compiled in parallel mode) whose first call costs 11-14 s of
