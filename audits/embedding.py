@@ -63,7 +63,7 @@ def _smooth_knn_distances(distances: np.ndarray, n_iter: int = 64) -> tuple[np.n
 
 
 def fuzzy_neighbor_graph(indices: np.ndarray, distances: np.ndarray) -> sp.coo_matrix:
-    """UMAP's fuzzy simplicial set from a kNN table (``(N, k)``, each point's own row first): the directed
+    """UMAP's fuzzy simplicial set from a kNN table (``(N, k)``, each point itself first): the directed
     memberships exp(-(d - rho) / sigma), combined by fuzzy union A + A^T - A * A^T."""
     n, k = indices.shape
     distances = np.asarray(distances, dtype=np.float32)
