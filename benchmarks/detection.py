@@ -6,6 +6,7 @@
     python benchmarks/detection.py --respray          # cached cases: SpRAy and flags anew on the kept relevance stores
     python benchmarks/detection.py --ceiling          # cached cases: what a supervised classifier gets from the maps
     python benchmarks/detection.py --per-view         # cached cases: joined views against each view on its own
+    python benchmarks/detection.py --margins          # cached cases: the side test's margin and its uncertainty
     python benchmarks/detection.py --latent-settings  # cached cases: the latent-view audit, settings one at a time
     python benchmarks/detection.py --work /tmp/w --cases resnet18/frame --unlearn-only --set unlearn.epochs=5
 
@@ -379,6 +380,42 @@ def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]
     return out
 
 
+def margins(cases: dict, work: Path, resamples: int = 1000) -> dict[str, dict[str, list]]:
+    """The side test's margin on each cached case (the spray stage's null cuts, pooled over the classes), with the
+    spread estimated two ways: the mean absolute log gain (``GainNull``'s) and the MAD (before 2026-12-02); each as
+    ``[margin, 5th, 95th percentile over bootstrap resamples of the cuts]``: how much an audit's margin can move
+    with the few cuts it has."""
+    from audits import SpRAy
+    from pipeline.datasets import load_dataset
+    from pipeline.relevance_store import RelevanceStore
+    from pipeline.spray_stage import resolve_views
+
+    spreads = {"mean_abs": lambda g: np.sqrt(np.pi / 2) * np.mean(np.abs(g)),
+               "mad": lambda g: 1.4826 * np.median(np.abs(g))}  # fmt: skip
+    out = {}
+    for name in cases:
+        folder = _case_dir(work, name)
+        if not (folder / "store").is_dir():
+            continue
+        dataset, store = load_dataset(folder / "prepared"), RelevanceStore(folder / "store")
+        table, views = store.table(), resolve_views("auto", "latent" in store.open())
+        gains = []
+        for index in range(len(dataset.classes)):
+            rows, maps = _class_maps(store, table, index)
+            latent = store.latent(rows["index"].to_numpy()) if "latent" in views else None
+            fit = SpRAy(views=views, random_state=0, embeddings=()).fit(
+                maps, latent=[layer for _, layer in latent] if latent else None
+            )
+            gains += [cut[2] for cut in fit.null_cuts_ if np.isfinite(cut[2])]
+        gains, rng = np.asarray(gains), np.random.default_rng(0)
+        out[name] = {}
+        for label, spread in spreads.items():
+            boot = [spread(rng.choice(gains, len(gains))) for _ in range(resamples)]
+            low, high = np.exp(np.percentile(boot, [5, 95]))
+            out[name][label] = [round(float(np.exp(spread(gains))), 3), round(float(low), 3), round(float(high), 3)]
+    return out
+
+
 def ceiling(cases: dict, work: Path) -> dict[str, dict[str, dict[str, float]]]:
     """What the relevance holds: for each cached case's cue, the ARI of a *supervised* linear classifier (logistic
     regression, 5-fold cross-validated predictions) of the planted flag from SpRAy's own views of the class's maps
@@ -613,6 +650,8 @@ def main() -> None:
                         help="The clean-trained control's attacked gap on each cached built-in case.")  # fmt: skip
     parser.add_argument("--ceiling", action="store_true",
                         help="Cached cases: supervised, cross-validated ARI of the cue on SpRAy's views.")  # fmt: skip
+    parser.add_argument("--margins", action="store_true",
+                        help="Cached cases: the side test's margin, two spreads, bootstrap intervals.")  # fmt: skip
     parser.add_argument("--per-view", action="store_true",
                         help="Cached cases: flags of the joined views against each view on its own.")  # fmt: skip
     parser.add_argument("--latent-settings", action="store_true",
@@ -641,6 +680,11 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             print(json.dumps(latent_settings({n: cases[n] for n in chosen}, args.work), indent=2))
+        return
+    if args.margins:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            print(json.dumps(margins({n: cases[n] for n in chosen}, args.work), indent=2))
         return
     if args.ceiling:
         with warnings.catch_warnings():
@@ -674,6 +718,9 @@ def main() -> None:
             cached.write_text(json.dumps(results[name], indent=2, default=float))
         elif valid:
             results[name] = json.loads(cached.read_text())
+        elif args.respray or args.unlearn_only or args.reaudit:  # modes that only revisit a cache never train
+            print(f"{name}: not cached in {folder}, skipped", file=sys.stderr, flush=True)
+            continue
         else:
             shutil.rmtree(folder, ignore_errors=True)
             with warnings.catch_warnings():

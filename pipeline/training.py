@@ -66,18 +66,28 @@ def inference_copy(model: nn.Module) -> nn.Module:
 
 
 def predict(model: nn.Module, images: np.ndarray, normalize: Normalizer, batch_size: int = 32) -> np.ndarray:
-    """Predicted classes, in eval mode, without gradients.
+    """Predicted classes of raw ``images``, normalised batch by batch (a whole split normalised at once would
+    hold it in float32 twice)."""
+    batches = (normalize(torch.from_numpy(images[s : s + batch_size])) for s in range(0, len(images), batch_size))
+    return predicted_classes(model, batches).numpy()
+
+
+def predict_normalized(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Predicted classes of images ``x`` already normalised (the un-learning's pasted validation keeps them so)."""
+    return predicted_classes(model, (x[s : s + batch_size] for s in range(0, len(x), batch_size)))
+
+
+def predicted_classes(model: nn.Module, batches) -> torch.Tensor:
+    """Argmax of the model over ``batches`` of model inputs, in eval mode, without gradients, through
+    :func:`inference_copy` (BatchNorm folded, channels-last: 2x the forward speed of the model itself).
 
     Batches of 32: on two CPU cores small_cnn's forward takes 1.5 ms per image in batches of 32 and 2.6 ms in
     batches of 256, whose activations (130 MB in the first block) no longer fit the cache; the outputs are
     bitwise the same."""
     model = inference_copy(model)
-    out = []
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = normalize(torch.from_numpy(images[start : start + batch_size]))
-            out.append(model(batch).argmax(1).numpy())
-    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+        out = [model(batch).argmax(1) for batch in batches]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

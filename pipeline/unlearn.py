@@ -36,7 +36,7 @@ import lrp_core
 from lrp_core.composites import get_composite
 
 from .artifact import ArtifactError, paste_artifact
-from .training import inference_copy
+from .training import predict_normalized
 
 __all__ = ["METHODS", "UnlearnConfig", "fine_tune", "fold_projection", "relevance_share", "step_function"]
 
@@ -328,12 +328,7 @@ class _PastedValidation:
 
     def _right(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: predicted right as it is, and with the paste."""
-        model = inference_copy(model)  # BatchNorm folded, channels-last: 2x the forward speed of the model itself
-        with torch.no_grad():
-            return tuple(
-                torch.cat([model(x[i : i + 32]).argmax(1) for i in range(0, len(x), 32)]).eq(self.y)
-                for x in (self.x, self.x_pasted)
-            )
+        return tuple(predict_normalized(model, x).eq(self.y) for x in (self.x, self.x_pasted))
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         plain_right, pasted_right = self._right(model)
