@@ -46,7 +46,7 @@ class _Partition:
         affinity = affinity.copy()
         affinity.sum_duplicates()
         n = affinity.shape[0]
-        self.affinity, self.labels, self.k = affinity, labels.copy(), k
+        self.affinity, self.labels = affinity, labels.copy()
         self.loop = affinity.diagonal()
         self.degree = np.asarray(affinity.sum(1)).ravel()
         onehot = sp.csr_matrix((np.ones(n), (np.arange(n), labels)), shape=(n, k))
@@ -76,19 +76,10 @@ class _Partition:
         return gain
 
     def best_move(self, node: int) -> tuple[int, float]:
-        """:meth:`gains` of one node, in scalars where they are scalars (it runs once per candidate)."""
-        own = self.labels[node]
-        if self.size[own] <= 1:
-            return own, -np.inf
-        to, loop, degree = self.to[node], self.loop[node], self.degree[node]
-        left_volume = self.volume[own] - degree
-        leaving = (self.within[own] - 2 * to[own] - loop) / left_volume if left_volume > 0 else 0.0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            before = np.where(self.volume > 0, self.within / self.volume, 0.0)
-        gain = leaving - before[own] + (self.within + 2 * to + loop) / (self.volume + degree) - before
-        gain[own] = -np.inf
-        target = int(np.argmax(gain))
-        return target, float(gain[target])
+        """The cluster whose move lowers Ncut most for ``node``, and by how much (re-evaluated just before a move)."""
+        row = self.gains(np.array([node]))[0]
+        target = int(np.argmax(row))
+        return target, float(row[target])
 
     def move(self, node: int, target: int) -> None:
         source = self.labels[node]
@@ -128,7 +119,7 @@ def refine_normalized_cut(
         if len(candidates) == 0:
             break
         for node in candidates[np.argsort(-best[candidates], kind="stable")]:
-            target, gain = partition.best_move(int(node))
-            if gain > _TOLERANCE:
+            target, lowered = partition.best_move(int(node))
+            if lowered > _TOLERANCE:
                 partition.move(int(node), target)
     return partition.labels

@@ -327,29 +327,39 @@ def _separation(features: np.ndarray, inside: np.ndarray) -> float:
     return round(float((a.mean() - b.mean()) / spread), 2) if spread > 0 else float("inf")
 
 
+def _default_fits(work: Path):
+    """Every class of a cached case fitted as the spray stage would (its views on this store): the dataset, the
+    store's table and, per class name, ``(rows, fit)``."""
+    from audits import SpRAy
+    from pipeline.datasets import load_dataset
+    from pipeline.relevance_store import RelevanceStore
+    from pipeline.spray_stage import resolve_views
+
+    dataset, store = load_dataset(work / "prepared"), RelevanceStore(work / "store")
+    table, views = store.table(), resolve_views("auto", "latent" in store.open())
+    fits = {}
+    for index, name in enumerate(dataset.classes):
+        rows, maps = _class_maps(store, table, index)
+        latent = store.latent(rows["index"].to_numpy()) if "latent" in views else None
+        fit = SpRAy(views=views, random_state=0, embeddings=()).fit(
+            maps, latent=[layer for _, layer in latent] if latent else None
+        )
+        fits[name] = rows, fit
+    return dataset, fits
+
+
 def k_scan(case: dict, work: Path, k_max: int = 5) -> dict[str, dict[str, list]]:
     """Every class of a cached case re-fitted with the defaults (the views the spray stage would use on this store):
     per k, each cluster's size, -log10 p of its cut under the audit's null (pooled over the classes, as the spray
     stage does), its ARI with the planted cue and its separation from the rest of the class (:func:`_separation`);
     and ``planted``, the same for the cut around the planted members themselves (is the cue apart from the rest of
     its class in the graph at all?)."""
-    from audits import SpRAy
     from audits.strategies import NullModel
-    from pipeline.datasets import load_dataset
-    from pipeline.relevance_store import RelevanceStore
-    from pipeline.spray_stage import resolve_views
 
-    dataset, store = load_dataset(work / "prepared"), RelevanceStore(work / "store")
-    table, truth = store.table(), _truth(case, work, dataset)
-    views = resolve_views("auto", "latent" in store.open())
-    fits, cues = {}, {}
-    for index, name in enumerate(dataset.classes):
-        rows, maps = _class_maps(store, table, index)
-        latent = store.latent(rows["index"].to_numpy()) if "latent" in views else None
-        fits[name] = SpRAy(views=views, random_state=0, embeddings=()).fit(
-            maps, latent=[layer for _, layer in latent] if latent else None
-        )
-        cues[name] = (truth.loc[rows.sample_id].to_numpy() != "").astype(int)
+    dataset, class_fits = _default_fits(work)
+    truth = _truth(case, work, dataset)
+    fits = {name: fit for name, (_, fit) in class_fits.items()}
+    cues = {name: (truth.loc[rows.sample_id].to_numpy() != "").astype(int) for name, (rows, _) in class_fits.items()}
     null = NullModel.fit([cut for fit in fits.values() for cut in fit.null_cuts_])
 
     def score(fit, inside: np.ndarray) -> float:
@@ -385,11 +395,6 @@ def margins(cases: dict, work: Path, resamples: int = 1000) -> dict[str, dict[st
     spread estimated two ways: the mean absolute log gain (``GainNull``'s) and the MAD (before 2026-12-02); each as
     ``[margin, 5th, 95th percentile over bootstrap resamples of the cuts]``: how much an audit's margin can move
     with the few cuts it has."""
-    from audits import SpRAy
-    from pipeline.datasets import load_dataset
-    from pipeline.relevance_store import RelevanceStore
-    from pipeline.spray_stage import resolve_views
-
     spreads = {"mean_abs": lambda g: np.sqrt(np.pi / 2) * np.mean(np.abs(g)),
                "mad": lambda g: 1.4826 * np.median(np.abs(g))}  # fmt: skip
     out = {}
@@ -397,17 +402,9 @@ def margins(cases: dict, work: Path, resamples: int = 1000) -> dict[str, dict[st
         folder = _case_dir(work, name)
         if not (folder / "store").is_dir():
             continue
-        dataset, store = load_dataset(folder / "prepared"), RelevanceStore(folder / "store")
-        table, views = store.table(), resolve_views("auto", "latent" in store.open())
-        gains = []
-        for index in range(len(dataset.classes)):
-            rows, maps = _class_maps(store, table, index)
-            latent = store.latent(rows["index"].to_numpy()) if "latent" in views else None
-            fit = SpRAy(views=views, random_state=0, embeddings=()).fit(
-                maps, latent=[layer for _, layer in latent] if latent else None
-            )
-            gains += [cut[2] for cut in fit.null_cuts_ if np.isfinite(cut[2])]
-        gains, rng = np.asarray(gains), np.random.default_rng(0)
+        _, fits = _default_fits(folder)
+        gains = np.asarray([cut[2] for _, fit in fits.values() for cut in fit.null_cuts_ if np.isfinite(cut[2])])
+        rng = np.random.default_rng(0)
         out[name] = {}
         for label, spread in spreads.items():
             boot = [spread(rng.choice(gains, len(gains))) for _ in range(resamples)]
